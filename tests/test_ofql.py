@@ -1,0 +1,171 @@
+"""Tests of ofql.py: data, the MeanFlow target and loss, one-step sampling, and an end-to-end run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import HOPPER_DATASET_ID, ROOT
+
+import ofql
+
+
+def test_d4rl_names_map_to_minari_ids():
+    assert ofql.resolve_dataset_id("hopper-medium-v2") == "mujoco/hopper/medium-v0"
+    assert ofql.resolve_dataset_id("walker2d-expert-v2") == "mujoco/walker2d/expert-v0"
+    assert ofql.resolve_dataset_id("antmaze-umaze-diverse-v2") == "D4RL/antmaze/umaze-diverse-v1"
+    assert ofql.resolve_dataset_id("kitchen-partial-v0") == "D4RL/kitchen/partial-v2"
+    assert ofql.resolve_dataset_id("pen-human-v1") == "D4RL/pen/human-v2"
+    assert ofql.resolve_dataset_id("sac/hopper/medium-replay-v0") == "sac/hopper/medium-replay-v0"  # Minari id as given
+
+
+def test_unknown_name_suggests_close_ones():
+    with pytest.raises(ValueError, match="Did you mean: hopper-medium"):
+        ofql.resolve_dataset_id("hoper-medium-v2")
+    with pytest.raises(ValueError, match="Minari has no such dataset"):
+        ofql.resolve_dataset_id("hopper-medium-replay-v2")
+    run = subprocess.run([sys.executable, str(ROOT / "ofql.py"), "--env-id", "hoper-medium-v2"], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "Did you mean: hopper-medium" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_task_table_fills_defaults_and_command_line_wins():
+    args = ofql.task_defaults(ofql.Args(), "sac/hopper/medium-replay-v0")
+    assert (args.grad_norm, args.max_q_backup, args.reward_tune, args.total_steps) == (4.0, False, "none", 2_000_000)
+    args = ofql.task_defaults(ofql.Args(eta=0.3, max_q_backup=True), "D4RL/antmaze/medium-play-v1")
+    assert (args.eta, args.max_q_backup, args.lr, args.reward_tune) == (0.3, True, 1e-3, "cql")
+
+
+def test_dataset_to_tensors_keeps_transitions_aligned(minari_path):
+    dataset = ofql.load_dataset(HOPPER_DATASET_ID)
+    data = ofql.dataset_to_tensors(dataset, "none", torch.device("cpu"))
+    episodes = list(dataset.iterate_episodes())
+    assert data["obs"].shape == (dataset.total_steps, 11) and data["actions"].shape == (dataset.total_steps, 3)
+    # next_obs of one step is obs of the next within an episode; episode boundaries are not crossed
+    first = len(episodes[0].rewards)
+    assert torch.equal(data["next_obs"][: first - 1], data["obs"][1:first])
+    assert torch.allclose(data["next_obs"][first - 1], torch.as_tensor(episodes[0].observations[-1], dtype=torch.float32))
+    # terminals are terminations only: a truncated episode's last step is not terminal
+    assert data["terminals"].sum().item() == sum(int(e.terminations.sum()) for e in episodes)
+    truncated = [e for e in episodes if e.truncations[-1]]
+    assert truncated and not any(e.terminations[-1] for e in truncated)
+    shaped = ofql.dataset_to_tensors(dataset, "cql", torch.device("cpu"))
+    assert torch.allclose(shaped["rewards"], (data["rewards"] - 0.5) * 4, atol=1e-5)
+
+
+def test_mean_flow_target_matches_finite_differences():
+    """u_tgt = v - (t - r) du/dt with du/dt = v . d_a u + d_t u (Eq. 16), against a central difference in float64."""
+    torch.manual_seed(0)
+    actor = ofql.Actor(5, 3, -np.ones(3), np.ones(3)).double()
+    a_t, v, obs = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    t = torch.rand(8, dtype=torch.float64)
+    r = t * torch.rand(8, dtype=torch.float64)
+    u_tgt = ofql.mean_flow_target(actor, a_t, r, t, obs, v)
+    h = 1e-6  # move along the trajectory: a_t by h v, t by h, r fixed
+    with torch.no_grad():
+        du_dt = (actor(a_t + h * v, r, t + h, obs) - actor(a_t - h * v, r, t - h, obs)) / (2 * h)
+    expected = v - (t - r)[:, None] * du_dt
+    assert not u_tgt.requires_grad
+    assert torch.allclose(u_tgt, expected, rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(u_tgt, v, atol=1e-3)  # the derivative term is really there
+
+
+def test_time_pairs_are_ordered_with_half_on_the_diagonal():
+    t, r = ofql.sample_time_pairs(1000, 0.5, -0.4, 1.0, torch.device("cpu"))
+    assert t.shape == r.shape == (1000,)
+    assert ((0 < r) & (r <= t) & (t < 1)).all()
+    assert (r == t).sum().item() == 500 + (r[500:] == t[500:]).sum().item()
+
+
+def test_one_step_actions_are_bounded_and_differentiable():
+    actor = ofql.Actor(4, 2, np.array([-1.0, -0.5]), np.array([1.0, 0.5]))
+    actor.final_layer.bias.data.fill_(-3.0)  # push raw samples past the bounds
+    actions = ofql.sample_actions(actor, torch.randn(64, 4))
+    assert actions.shape == (64, 2)
+    assert (actions[:, 0].abs() <= 1).all() and (actions[:, 1].abs() <= 0.5).all()
+    critic = ofql.Critic(4, 2)
+    selected = ofql.select_actions(actor, critic, torch.randn(7, 4), num_candidates=5)
+    assert selected.shape == (7, 2)
+    actor.final_layer.bias.data.zero_()
+    critic(torch.randn(64, 4), ofql.sample_actions(actor, torch.randn(64, 4)))[0].sum().backward()
+    assert actor.final_layer.weight.grad.abs().sum() > 0
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 200) -> float:
+    directions = torch.nn.functional.normalize(torch.randn(2, num_projections, generator=torch.Generator().manual_seed(0)), dim=0)
+    return ((x @ directions).sort(0).values - (y @ directions).sort(0).values).abs().mean().item()
+
+
+def test_one_step_mean_flow_beats_one_step_flow_matching_on_a_multimodal_target():
+    """The paper's Fig. 3 in small: eight Gaussians on a ring, the same network and budget for both.
+
+    Flow matching is MeanFlow with r = t everywhere (flow_ratio 1): the network then learns the marginal
+    velocity v(a_t, t), and its one-step sample is eps - v(eps, 1). MeanFlow's is eps - u(eps, 0, 1)."""
+
+    def ring(n: int) -> torch.Tensor:
+        angles = torch.randint(8, (n,)) * (2 * np.pi / 8)
+        return 0.7 * torch.stack([angles.cos(), angles.sin()], 1) + 0.05 * torch.randn(n, 2)
+
+    def train(flow_ratio: float) -> ofql.Actor:
+        torch.manual_seed(0)
+        actor = ofql.Actor(1, 2, -np.ones(2), np.ones(2), hidden_dim=128)
+        optimizer = torch.optim.Adam(actor.parameters(), lr=1e-3)
+        for _ in range(1500):
+            actions, obs = ring(256), torch.zeros(256, 1)
+            t, r = ofql.sample_time_pairs(256, flow_ratio, -0.4, 1.0, torch.device("cpu"))
+            loss = ofql.mean_flow_loss(actor, obs, actions, t, r, torch.randn_like(actions))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return actor
+
+    mean_flow, flow_matching = train(flow_ratio=0.5), train(flow_ratio=1.0)
+    obs, noise, target = torch.zeros(4000, 1), torch.randn(4000, 2), ring(4000)
+    ones = torch.ones(4000)
+    with torch.no_grad():
+        mean_flow_samples = noise - mean_flow(noise, 0 * ones, ones, obs)
+        flow_matching_samples = noise - flow_matching(noise, ones, ones, obs)
+    mean_flow_distance = sliced_wasserstein(mean_flow_samples, target)
+    flow_matching_distance = sliced_wasserstein(flow_matching_samples, target)
+    print(f"sliced Wasserstein to the target, 1 step: MeanFlow {mean_flow_distance:.3f}, flow matching {flow_matching_distance:.3f}")
+    assert mean_flow_distance < 0.5 * flow_matching_distance
+
+
+SUMMARY_KEYS = (
+    "algorithm env_id dataset_id seed total_steps normalized_score normalized_score_std best_normalized_score return_mean "
+    "eval_episodes train_seconds updates_per_second hours_per_million_updates decision_hz device"
+).split()
+
+
+def run_ofql(tmp_path, *flags: str) -> dict:
+    command = [sys.executable, str(ROOT / "ofql.py"), "--env-id", HOPPER_DATASET_ID, "--no-cuda", "--threads", "1", *flags]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (summary_path,) = sorted(tmp_path.glob("runs/*/summary.json"), key=lambda p: p.stat().st_mtime)[-1:]
+    return json.loads(summary_path.read_text()) | {"stdout": run.stdout, "run_dir": summary_path.parent}
+
+
+def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
+    flags = "--total-steps 300 --eval-freq 150 --eval-episodes 2 --final-eval-episodes 2 --log-freq 100 --save-model"
+    summary = run_ofql(tmp_path, *flags.split())
+    for key in SUMMARY_KEYS:
+        assert key in summary, key
+    assert summary["algorithm"] == "ofql" and summary["dataset_id"] == HOPPER_DATASET_ID and summary["total_steps"] == 300
+    assert summary["eval_episodes"] == 2 and summary["device"] == "cpu"
+    assert [step for step, _ in summary["evaluations"]] == [150, 300]
+    assert summary["normalized_score"] == summary["evaluations"][-1][1] and summary["best_normalized_score"] >= summary["normalized_score"]
+    ref_min, ref_max = ofql.D4RL_REF_SCORES["hopper"]
+    assert summary["normalized_score"] == pytest.approx(100 * (summary["return_mean"] - ref_min) / (ref_max - ref_min))
+    assert summary["train_seconds"] > 0 and summary["updates_per_second"] > 0 and summary["decision_hz"] > 0
+    assert summary["hours_per_million_updates"] == pytest.approx(1e6 / summary["updates_per_second"] / 3600)
+    assert "update 300/300" in summary["stdout"] and "updates/s" in summary["stdout"]
+    assert list(summary["run_dir"].glob("events.out.tfevents.*"))  # tensorboard log
+
+    # the saved networks evaluate alone, with plain one-step sampling
+    evaluation = run_ofql(
+        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.pt"), "--final-eval-episodes", "3", "--num-candidates", "1"
+    )
+    assert evaluation["total_steps"] == 0 and evaluation["eval_episodes"] == 3 and evaluation["num_candidates"] == 1
+    assert np.isfinite(evaluation["normalized_score"]) and evaluation["decision_hz"] > 0
