@@ -203,8 +203,16 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
     try:
         return minari.load_dataset(dataset_id)
     except FileNotFoundError:
-        print(f"{dataset_id} is not in {minari.storage.get_dataset_path()}: downloading it")
+        local = minari.storage.get_dataset_path(dataset_id)
+        print(f"{dataset_id} is not in {local}: downloading it")
+    try:
         return minari.load_dataset(dataset_id, download=True)
+    except Exception as error:  # no network, or no such dataset on the remote
+        raise SystemExit(
+            f"error: {dataset_id} is not local (looked in {local}, set by MINARI_DATASETS_PATH) and could not be downloaded "
+            f"({type(error).__name__}: {error}). On a machine with internet run `minari download {dataset_id}`, copy the "
+            "folder into MINARI_DATASETS_PATH here, or check the id with `minari list remote`."
+        ) from None
 
 
 def flatten_obs(obs) -> np.ndarray:
@@ -402,20 +410,6 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {error}") from None
     args = task_defaults(args, dataset_id)
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    writer = SummaryWriter(f"runs/{run_name}")
-    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -438,6 +432,22 @@ if __name__ == "__main__":
     action_space = dataset.action_space
     obs_dim, action_dim = data["obs"].shape[1], data["actions"].shape[1]
     print(f"{dataset_id}: {num_transitions:,} transitions, obs_dim {obs_dim}, action_dim {action_dim}, device {device}")
+
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    # logging: only now that the data loaded, so that a failed start leaves no run folder behind
+    writer = SummaryWriter(f"runs/{run_name}")
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     actor = Actor(obs_dim, action_dim, action_space.low, action_space.high).to(device)
     critic = Critic(obs_dim, action_dim).to(device)
