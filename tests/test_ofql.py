@@ -65,6 +65,14 @@ def test_dataset_to_tensors_keeps_transitions_aligned(minari_path):
     assert torch.allclose(shaped["rewards"], (data["rewards"] - 0.5) * 4, atol=1e-5)
 
 
+def test_dict_observations_flatten_in_sorted_key_order():
+    obs = {"observation": np.ones((4, 27)), "desired_goal": np.full((4, 2), 2.0), "achieved_goal": np.zeros((4, 2))}
+    flat = ofql.flatten_obs(obs)
+    assert flat.shape == (4, 31)
+    assert (flat[:, :2] == 0).all() and (flat[:, 2:4] == 2).all() and (flat[:, 4:] == 1).all()
+    assert np.array_equal(ofql.flatten_obs(flat), flat)  # arrays pass through
+
+
 def test_mean_flow_target_matches_finite_differences():
     """u_tgt = v - (t - r) du/dt with du/dt = v . d_a u + d_t u (Eq. 16), against a central difference in float64."""
     torch.manual_seed(0)
