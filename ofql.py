@@ -508,9 +508,17 @@ if __name__ == "__main__":
         critic_target.load_state_dict(checkpoint["critic_target"])
         args.total_steps = 0
 
-    # TRY NOT TO MODIFY: the training loop
     evaluations = []  # (update, normalized score)
-    train_seconds, start_time, last_log = 0.0, time.perf_counter(), 0
+
+    def evaluate_and_log(step: int, num_episodes: int) -> np.ndarray:
+        scores = normalized(evaluate(policy, make_env, num_episodes, args.max_eval_envs, args.seed + step, device))
+        evaluations.append((step, float(scores.mean())))
+        writer.add_scalar("charts/normalized_score", scores.mean(), step)
+        print(f"update {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f} over {len(scores)} episodes")
+        return scores
+
+    # TRY NOT TO MODIFY: the training loop
+    train_seconds, start_time = 0.0, time.perf_counter()
     for step in range(1, args.total_steps + 1):
         idx = torch.randint(num_transitions, (args.batch_size,), device=device)
         losses = update(*(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals")))
@@ -531,19 +539,22 @@ if __name__ == "__main__":
                 f"critic {losses['critic_loss']:.3f} | bc {losses['bc_loss']:.3f} | q {losses['q_loss']:.3f}"
             )
 
-        if step % args.eval_freq == 0 or step == args.total_steps:
+        if step % args.eval_freq == 0 and step < args.total_steps:
             train_seconds += time.perf_counter() - start_time
-            episodes = args.final_eval_episodes if step == args.total_steps else args.eval_episodes
-            scores = normalized(evaluate(policy, make_env, episodes, args.max_eval_envs, args.seed + step, device))
-            evaluations.append((step, float(scores.mean())))
-            writer.add_scalar("charts/normalized_score", scores.mean(), step)
-            print(f"update {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f} over {len(scores)} episodes")
+            evaluate_and_log(step, args.eval_episodes)
             start_time = time.perf_counter()
 
-    # final evaluation (the last periodic one when training ran), timing and summary
-    if args.eval_only:
-        scores = normalized(evaluate(policy, make_env, args.final_eval_episodes, args.max_eval_envs, args.seed, device))
-        evaluations.append((0, float(scores.mean())))
+    if args.save_model:
+        model_path = f"runs/{run_name}/model.pt"
+        torch.save(
+            {"actor": actor.state_dict(), "critic": critic.state_dict(), "critic_target": critic_target.state_dict(), "args": asdict(args)},
+            model_path + ".tmp",
+        )
+        os.replace(model_path + ".tmp", model_path)
+        print(f"model saved to {model_path}")
+
+    # final evaluation, decision frequency and summary
+    scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)
     decision_hz = decision_frequency(policy, data["obs"])
     returns = scores / 100 * (ref_max - ref_min) + ref_min
     updates_per_second = args.total_steps / train_seconds if train_seconds > 0 else 0.0
@@ -570,14 +581,6 @@ if __name__ == "__main__":
     }
     write_json(f"runs/{run_name}/summary.json", summary)
     writer.add_scalar("charts/decision_hz", decision_hz, args.total_steps)
-    if args.save_model:
-        model_path = f"runs/{run_name}/model.pt"
-        torch.save(
-            {"actor": actor.state_dict(), "critic": critic.state_dict(), "critic_target": critic_target.state_dict(), "args": asdict(args)},
-            model_path + ".tmp",
-        )
-        os.replace(model_path + ".tmp", model_path)
-        print(f"model saved to {model_path}")
     print(
         f"{dataset_id}: normalized score {summary['normalized_score']:.1f} +- {summary['normalized_score_std']:.1f} "
         f"(best {summary['best_normalized_score']:.1f}) | training {train_seconds:.0f} s, {updates_per_second:.1f} updates/s, "
