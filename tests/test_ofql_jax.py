@@ -1,0 +1,173 @@
+"""Tests of ofql_jax.py: the same tables as ofql.py, the JVP target, agreement with ofql.py's torch code, an end-to-end run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HOPPER_DATASET_ID, ROOT
+
+jax = pytest.importorskip("jax")  # a guard only: CI installs the `jax` extra, so these tests run there
+import jax.numpy as jnp  # noqa: E402
+
+import ofql  # noqa: E402
+import ofql_jax  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
+
+
+def torch_to_flax(named_tensors) -> dict:
+    """ofql.py's (name, parameter) pairs as flax params: `mid_layer.2.weight` -> params/mid_layer/layers_2/kernel (transposed)."""
+    params = {}
+    for name, value in named_tensors:
+        *path, leaf = name.split(".")
+        node = params
+        for part in path:
+            node = node.setdefault(f"layers_{part}" if part.isdigit() else part, {})
+        value = value.detach().numpy()
+        node["kernel" if leaf == "weight" else "bias"] = jnp.asarray(value.T if leaf == "weight" else value)
+    return {"params": params}
+
+
+def test_tables_and_names_are_ofqls():
+    assert ofql_jax.TASKS == ofql.TASKS and ofql_jax.DOMAIN_DEFAULTS == ofql.DOMAIN_DEFAULTS
+    assert ofql_jax.D4RL_TO_MINARI == ofql.D4RL_TO_MINARI and ofql_jax.D4RL_REF_SCORES == ofql.D4RL_REF_SCORES
+    assert ofql_jax.resolve_dataset_id("hopper-medium-v2") == "mujoco/hopper/medium-v0"
+    with pytest.raises(ValueError, match="Did you mean: hopper-medium"):
+        ofql_jax.resolve_dataset_id("hoper-medium-v2")
+    args = ofql_jax.task_defaults(ofql_jax.Args(eta=0.3, max_q_backup=True), "D4RL/antmaze/medium-play-v1")
+    assert (args.eta, args.max_q_backup, args.lr, args.reward_tune, args.total_steps) == (0.3, True, 1e-3, "cql", 1_000_000)
+
+
+def test_dataset_arrays_equal_ofqls(minari_path):
+    dataset = ofql_jax.load_dataset(HOPPER_DATASET_ID)
+    data = ofql_jax.dataset_to_tensors(dataset, "cql", jax.devices("cpu")[0])
+    expected = ofql.dataset_to_tensors(dataset, "cql", torch.device("cpu"))
+    for key, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(data[key]), value.numpy(), err_msg=key)
+
+
+def test_mean_flow_target_matches_finite_differences():
+    """u_tgt = v - (t - r) du/dt with du/dt = v . d_a u + d_t u (Eq. 16), against a central difference in float64."""
+    with jax.enable_x64(True):
+        actor = ofql_jax.Actor(3, (-1.0,) * 3, (1.0,) * 3)
+        keys = jax.random.split(jax.random.PRNGKey(0), 6)
+        a_t, v, obs = (jax.random.normal(k, shape, jnp.float64) for k, shape in zip(keys[:3], [(8, 3), (8, 3), (8, 5)], strict=True))
+        t = jax.random.uniform(keys[3], (8,), jnp.float64)
+        r = t * jax.random.uniform(keys[4], (8,), jnp.float64)
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), actor.init(keys[5], a_t, r, t, obs))
+        u_tgt = ofql_jax.mean_flow_target(actor, params, a_t, r, t, obs, v)
+        h = 1e-6  # move along the trajectory: a_t by h v, t by h, r fixed
+        du_dt = (actor.apply(params, a_t + h * v, r, t + h, obs) - actor.apply(params, a_t - h * v, r, t - h, obs)) / (2 * h)
+        expected = v - (t - r)[:, None] * du_dt
+        assert u_tgt.dtype == jnp.float64
+        np.testing.assert_allclose(u_tgt, expected, rtol=1e-6, atol=1e-8)
+        assert not np.allclose(u_tgt, v, atol=1e-3)  # the derivative term is really there
+        grads = jax.grad(lambda p: ofql_jax.mean_flow_target(actor, p, a_t, r, t, obs, v).sum())(params)
+        assert all((g == 0).all() for g in jax.tree.leaves(grads))  # the target is a constant for the optimiser
+
+
+def test_time_pairs_are_ordered_with_half_on_the_diagonal():
+    t, r = ofql_jax.sample_time_pairs(jax.random.PRNGKey(0), 1000, 0.5, -0.4, 1.0)
+    assert t.shape == r.shape == (1000,)
+    assert ((0 < r) & (r <= t) & (t < 1)).all()
+    assert (r == t).sum().item() == 500 + (r[500:] == t[500:]).sum().item()
+
+
+def test_losses_and_actions_agree_with_ofql(monkeypatch):
+    """The same weights, batch, (t, r) and noise in ofql.py (torch) and ofql_jax.py: losses, gradients and actions agree."""
+    obs_dim, action_dim, batch = 11, 3, 64
+    low, high = np.array([-1.0, -0.5, -1.0]), np.array([1.0, 0.5, 1.0])
+    torch.manual_seed(0)
+    torch_actor, torch_critic = ofql.Actor(obs_dim, action_dim, low, high), ofql.Critic(obs_dim, action_dim)
+    actor, critic = ofql_jax.Actor(action_dim, tuple(low), tuple(high)), ofql_jax.Critic()
+    actor_params, critic_params = torch_to_flax(torch_actor.named_parameters()), torch_to_flax(torch_critic.named_parameters())
+    obs, actions, target_q = torch.randn(batch, obs_dim), torch.rand(batch, action_dim) * 2 - 1, torch.randn(batch, 1)
+    noise = torch.randn(batch, action_dim)
+    t, r = ofql.sample_time_pairs(batch, 0.5, -0.4, 1.0, torch.device("cpu"))
+    j = {name: jnp.asarray(x.numpy()) for name, x in dict(obs=obs, actions=actions, target_q=target_q, noise=noise, t=t, r=r).items()}
+    # the converter fills exactly flax's own parameter tree
+    assert jax.tree.structure(actor_params) == jax.tree.structure(actor.init(jax.random.PRNGKey(0), j["actions"], j["t"], j["r"], j["obs"]))
+    assert jax.tree.structure(critic_params) == jax.tree.structure(critic.init(jax.random.PRNGKey(0), j["obs"], j["actions"]))
+
+    # MeanFlow loss (Eq. 17) and its gradient
+    bc_loss = ofql.mean_flow_loss(torch_actor, obs, actions, t, r, noise)
+    bc_loss.backward()
+    jax_bc_loss, jax_grads = jax.value_and_grad(ofql_jax.mean_flow_loss, argnums=1)(
+        actor, actor_params, j["obs"], j["actions"], j["t"], j["r"], j["noise"]
+    )
+    np.testing.assert_allclose(jax_bc_loss, bc_loss.item(), rtol=1e-5, atol=1e-5)
+    for expected, got in zip(
+        jax.tree.leaves(torch_to_flax((name, p.grad) for name, p in torch_actor.named_parameters())),
+        jax.tree.leaves(jax_grads),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+    # critic loss for a given target, as ofql.py's update computes it
+    q1, q2 = torch_critic(obs, actions)
+    critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+    jax_critic_loss, q_mean = ofql_jax.td_loss(critic, critic_params, j["obs"], j["actions"], j["target_q"])
+    np.testing.assert_allclose(jax_critic_loss, critic_loss.item(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(q_mean, q1.mean().item(), rtol=1e-5, atol=1e-5)
+
+    # one-step actions (Eq. 18), bounds included: ofql.py's randn made to return the noise JAX draws from the same key
+    key = jax.random.PRNGKey(1)
+    jax_actions = ofql_jax.sample_actions(actor, actor_params, j["obs"], key)
+    jax_noise = torch.tensor(np.asarray(jax.random.normal(key, (batch, action_dim))))
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kwargs: jax_noise)
+    with torch.no_grad():
+        torch_actions = ofql.sample_actions(torch_actor, obs)
+    np.testing.assert_allclose(jax_actions, torch_actions.numpy(), rtol=1e-5, atol=1e-5)
+    assert (np.abs(np.asarray(jax_actions)) <= high).all()
+
+
+SUMMARY_KEYS = (
+    "algorithm env_id dataset_id seed total_steps normalized_score normalized_score_std best_normalized_score return_mean "
+    "eval_episodes train_seconds updates_per_second hours_per_million_updates decision_hz device compile_seconds"
+).split()
+
+
+def run_ofql_jax(tmp_path, *flags: str) -> dict:
+    command = [sys.executable, str(ROOT / "ofql_jax.py"), "--env-id", HOPPER_DATASET_ID, "--no-cuda", "--threads", "1", *flags]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (summary_path,) = sorted(tmp_path.glob("runs/*/summary.json"), key=lambda p: p.stat().st_mtime)[-1:]
+    return json.loads(summary_path.read_text()) | {"stdout": run.stdout, "run_dir": summary_path.parent}
+
+
+def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
+    flags = "--total-steps 300 --eval-freq 150 --eval-episodes 2 --final-eval-episodes 2 --log-freq 100 --updates-per-call 50 --save-model"
+    summary = run_ofql_jax(tmp_path, *flags.split())
+    for key in SUMMARY_KEYS:
+        assert key in summary, key
+    assert summary["algorithm"] == "ofql_jax" and summary["dataset_id"] == HOPPER_DATASET_ID and summary["total_steps"] == 300
+    assert summary["eval_episodes"] == 2 and summary["device"] == "cpu"
+    assert summary["updates_per_call"] == 50  # 50 divides 100, 150 and 300: kept
+    assert [step for step, _ in summary["evaluations"]] == [150, 300]
+    assert summary["normalized_score"] == summary["evaluations"][-1][1] and summary["best_normalized_score"] >= summary["normalized_score"]
+    ref_min, ref_max = ofql_jax.D4RL_REF_SCORES["hopper"]
+    assert summary["normalized_score"] == pytest.approx(100 * (summary["return_mean"] - ref_min) / (ref_max - ref_min))
+    assert summary["train_seconds"] > 0 and summary["updates_per_second"] > 0 and summary["decision_hz"] > 0
+    assert summary["compile_seconds"] > 0
+    assert summary["hours_per_million_updates"] == pytest.approx(1e6 / summary["updates_per_second"] / 3600)
+    assert "update 300/300" in summary["stdout"] and "updates/s" in summary["stdout"]
+    assert list(summary["run_dir"].glob("events.out.tfevents.*"))  # tensorboard log
+
+    # the saved networks evaluate alone, with plain one-step sampling
+    evaluation = run_ofql_jax(
+        tmp_path,
+        "--eval-only",
+        "--checkpoint",
+        str(summary["run_dir"] / "model.msgpack"),
+        "--final-eval-episodes",
+        "3",
+        "--num-candidates",
+        "1",
+    )
+    assert evaluation["total_steps"] == 0 and evaluation["eval_episodes"] == 3 and evaluation["num_candidates"] == 1
+    assert evaluation["compile_seconds"] == 0
+    assert np.isfinite(evaluation["normalized_score"]) and evaluation["decision_hz"] > 0
