@@ -508,6 +508,10 @@ def decision_frequency(policy, obs: torch.Tensor, warmup: int = 10, repeats: int
     return repeats / (time.perf_counter() - start)
 
 
+def format_losses(losses: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in losses.items()) or "none yet"
+
+
 def save_atomically(path: str, content: dict):
     """Write to a temporary file, then rename: an interrupted run never leaves half a file. JSON or torch.save."""
     if path.endswith(".json"):
@@ -721,8 +725,9 @@ if __name__ == "__main__":
             if first_nonfinite.item() > 0:  # stop before anything is saved: the last checkpoint stays intact
                 writer.close()
                 raise SystemExit(
-                    f"error: non-finite loss at update {first_nonfinite.item()} (now: {losses}); the last finite losses, at update "
-                    f"{last_finite[0]}: {last_finite[1]}. Lower --lr or --critic-lr, or clip gradients with --grad-norm."
+                    f"error: non-finite loss at update {first_nonfinite.item()} (at update {step}: {format_losses(losses)}); the last "
+                    f"finite losses, at update {last_finite[0]}: {format_losses(last_finite[1])}. Nothing was saved after them. "
+                    "Lower --lr or --critic-lr, or clip gradients with --grad-norm."
                 )
             last_finite = (step, losses)
             for k, v in losses.items():

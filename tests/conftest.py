@@ -1,10 +1,11 @@
-"""Shared fixtures: a small Minari dataset made offline from real Hopper-v5 rollouts."""
+"""Shared fixtures: small Minari datasets and D4RL-layout hdf5 files, made offline from real env rollouts."""
 
 import os
 import sys
 from pathlib import Path
 
 import gymnasium as gym
+import h5py
 import minari
 import numpy as np
 import pytest
@@ -16,28 +17,33 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)  # small MLPs: one thread is fastest and steadiest on a shared 2-core machine
 
 HOPPER_DATASET_ID = "test/hopper/rollouts-v0"
+ANTMAZE_DATASET_ID = "test/antmaze/umaze-v0"  # task antmaze-umaze: cql rewards, success-rate scores
+PEN_DATASET_ID = "test/pen/human-v0"  # task pen-human: normalized rewards, the dataset's reference scores
 
 
-def hopper_episodes(num_episodes: int, seed: int) -> list[EpisodeBuffer]:
-    """Hopper-v5 episodes under small random actions, a 50-step limit so that some end truncated."""
-    env = gym.make("Hopper-v5", max_episode_steps=50)
+def random_episodes(env: gym.Env, num_episodes: int, seed: int) -> list[EpisodeBuffer]:
+    """Episodes under random actions of random scale: from near-still (long, truncated) to flailing (falls early).
+    Dict observations are kept as dicts of arrays."""
     rng = np.random.default_rng(seed)
+    low, high = env.action_space.low, env.action_space.high
     episodes = []
     for episode in range(num_episodes):
         obs, _ = env.reset(seed=seed + episode)
         observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
-        scale = rng.uniform(0.05, 1.0)  # from near-still (long, truncated) to flailing (falls early)
+        scale = rng.uniform(0.05, 1.0)
         done = False
         while not done:
-            action = np.clip(scale * rng.standard_normal(3), -1, 1).astype(np.float32)
+            action = np.clip(scale * rng.standard_normal(low.shape), low, high).astype(np.float32)
             obs, reward, terminated, truncated, _ = env.step(action)
             observations.append(obs), actions.append(action), rewards.append(reward)
             terminations.append(terminated), truncations.append(truncated)
             done = terminated or truncated
+        if isinstance(observations[0], dict):
+            observations = {key: np.array([o[key] for o in observations]) for key in observations[0]}
         episodes.append(
             EpisodeBuffer(
                 id=episode,
-                observations=np.array(observations),
+                observations=observations if isinstance(observations, dict) else np.array(observations),
                 actions=np.array(actions),
                 rewards=np.array(rewards),
                 terminations=np.array(terminations),
@@ -48,20 +54,85 @@ def hopper_episodes(num_episodes: int, seed: int) -> list[EpisodeBuffer]:
     return episodes
 
 
+def hopper_episodes(num_episodes: int, seed: int) -> list[EpisodeBuffer]:
+    """Hopper-v5 episodes, a 50-step limit so that some end truncated."""
+    return random_episodes(gym.make("Hopper-v5", max_episode_steps=50), num_episodes, seed)
+
+
+def create_dataset(dataset_id: str, episodes: list[EpisodeBuffer], spec: gym.envs.registration.EnvSpec, **metadata):
+    minari.create_dataset_from_buffers(
+        dataset_id=dataset_id,
+        buffer=episodes,
+        env=spec,
+        eval_env=spec,
+        algorithm_name="random",
+        author="tests",
+        author_email="tests@localhost",
+        code_permalink="tests/conftest.py",
+        description=f"{spec.id} under random actions, for tests",
+        **metadata,
+    )
+
+
 @pytest.fixture(scope="session")
 def minari_path(tmp_path_factory) -> Path:
     """A fresh MINARI_DATASETS_PATH (inherited by the scripts the tests start) holding a Hopper-v5 dataset."""
     path = tmp_path_factory.mktemp("minari_datasets")
     os.environ["MINARI_DATASETS_PATH"] = str(path)
-    minari.create_dataset_from_buffers(
-        dataset_id=HOPPER_DATASET_ID,
-        buffer=hopper_episodes(num_episodes=40, seed=0),
-        env=gym.make("Hopper-v5").spec,
-        eval_env=gym.make("Hopper-v5").spec,
-        algorithm_name="random",
-        author="tests",
-        author_email="tests@localhost",
-        code_permalink="tests/conftest.py",
-        description="Hopper-v5 under small random actions, for tests",
-    )
+    create_dataset(HOPPER_DATASET_ID, hopper_episodes(num_episodes=40, seed=0), gym.make("Hopper-v5").spec)
     return path
+
+
+@pytest.fixture(scope="session")
+def medium_and_expert(minari_path) -> tuple[int, int]:
+    """Stand-ins for Minari's mujoco/hopper/{medium,expert}-v0 (what medium-expert is combined from): their step counts."""
+    sizes = []
+    for kind, seed in (("medium", 100), ("expert", 200)):
+        episodes = hopper_episodes(num_episodes=6, seed=seed)
+        create_dataset(f"mujoco/hopper/{kind}-v0", episodes, gym.make("Hopper-v5").spec)
+        sizes.append(sum(len(e.rewards) for e in episodes))
+    return sizes[0], sizes[1]
+
+
+def write_d4rl_file(path: Path, episodes: list[EpisodeBuffer], with_next_observations: bool = False, drop: str = "") -> Path:
+    """D4RL's hdf5 layout: one row per step, episodes back to back, each episode's last observation not stored."""
+    columns = {
+        "observations": np.concatenate([e.observations[:-1] for e in episodes]),
+        "actions": np.concatenate([e.actions for e in episodes]),
+        "rewards": np.concatenate([e.rewards for e in episodes]),
+        "terminals": np.concatenate([e.terminations for e in episodes]),
+        "timeouts": np.concatenate([e.truncations for e in episodes]),
+    }
+    if with_next_observations:
+        columns["next_observations"] = np.concatenate([e.observations[1:] for e in episodes])
+    with h5py.File(path, "w") as f:
+        for key, value in columns.items():
+            if key != drop:
+                f[key] = value
+    return path
+
+
+@pytest.fixture(scope="session")
+def d4rl_file(tmp_path_factory) -> Path:
+    """A hopper file in D4RL's layout (no next_observations, as in D4RL's v2 MuJoCo files)."""
+    return write_d4rl_file(tmp_path_factory.mktemp("d4rl") / "hopper_medium_replay-v2.hdf5", hopper_episodes(30, seed=1))
+
+
+@pytest.fixture(scope="session")
+def antmaze_dataset(minari_path) -> str:
+    """A dict-observation AntMaze dataset (gymnasium-robotics), recorded like D4RL's: continuing task, fixed goal."""
+    gymnasium_robotics = pytest.importorskip("gymnasium_robotics")  # a guard only: CI installs the `robotics` extra
+    gym.register_envs(gymnasium_robotics)
+    env = gym.make("AntMaze_UMaze-v4", continuing_task=True, reset_target=False, max_episode_steps=30)
+    create_dataset(ANTMAZE_DATASET_ID, random_episodes(env, num_episodes=4, seed=0), env.spec)
+    return ANTMAZE_DATASET_ID
+
+
+@pytest.fixture(scope="session")
+def pen_dataset(minari_path) -> str:
+    """An Adroit pen dataset with its own reference scores (D4RL has none for pen in our table)."""
+    gymnasium_robotics = pytest.importorskip("gymnasium_robotics")
+    gym.register_envs(gymnasium_robotics)
+    env = gym.make("AdroitHandPen-v1", max_episode_steps=20)
+    create_dataset(PEN_DATASET_ID, random_episodes(env, num_episodes=4, seed=0), env.spec, ref_min_score=-10.0, ref_max_score=3000.0)
+    return PEN_DATASET_ID

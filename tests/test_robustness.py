@@ -1,0 +1,212 @@
+"""Every script: the datasets of the paper's Table 1, bad input, a stop on a non-finite loss, SIGINT/SIGTERM
+checkpoints with --resume, and reproducible CPU runs. Parametrized over the four scripts, which share no code."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import minari
+import numpy as np
+import pytest
+import torch
+from conftest import HOPPER_DATASET_ID, ROOT, hopper_episodes, write_d4rl_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+SCRIPTS = ["ofql", "dql", "fql", "ofql_jax"]
+TORCH_SCRIPTS = ["ofql", "dql", "fql"]
+LOSSES = ("critic_loss", "bc_loss", "q_loss", "actor_loss", "q_mean")
+QUICK = ("--no-cuda", "--threads", "1", "--eval-freq", "100000", "--final-eval-episodes", "1", "--max-eval-envs", "1")
+
+
+def module(script: str):
+    if script == "ofql_jax":
+        pytest.importorskip("jax")  # a guard only: CI installs the `jax` extra
+    return importlib.import_module(script)
+
+
+def run(script: str, cwd, *flags: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / f"{script}.py"), *flags]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def summary_of(cwd) -> dict:
+    (path,) = (cwd / "runs").glob("*/summary.json")
+    return json.loads(path.read_text())
+
+
+def logged_losses(run_dir) -> dict[str, dict[int, float]]:
+    """Every logged loss of a run folder (all its tensorboard files, resumed parts included): name -> {update: value}."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {name: {e.step: e.value for e in events.Scalars(f"losses/{name}")} for name in LOSSES}
+
+
+# Datasets ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_d4rl_file_rows_become_transitions(script, tmp_path):
+    """No next_observations: the next row is the next observation, and rows with a time-out (and the last) are dropped."""
+    episodes = hopper_episodes(5, seed=3)
+    transitions = module(script).d4rl_transitions(str(write_d4rl_file(tmp_path / "a.hdf5", episodes)))
+    expected = [(e.observations[i], e.observations[i + 1], e.terminations[i]) for e in episodes for i in range(len(e.rewards))]
+    expected = [row for row, e_last in zip(expected, np.concatenate([e.truncations for e in episodes]), strict=True) if not e_last]
+    if not episodes[-1].truncations[-1]:
+        expected = expected[:-1]  # the file's last row has no successor
+    assert len(transitions["obs"]) == len(expected) and transitions["actions"].shape == (len(expected), 3)
+    np.testing.assert_array_equal(transitions["obs"], [obs for obs, _, _ in expected])
+    moves_on = ~np.array([terminal for _, _, terminal in expected])  # after a termination the next row starts a new episode
+    np.testing.assert_array_equal(transitions["next_obs"][moves_on], np.array([next_obs for _, next_obs, _ in expected])[moves_on])
+    np.testing.assert_array_equal(transitions["terminals"], [terminal for _, _, terminal in expected])
+    # with next_observations every row is a transition
+    transitions = module(script).d4rl_transitions(str(write_d4rl_file(tmp_path / "b.hdf5", episodes, with_next_observations=True)))
+    assert len(transitions["obs"]) == sum(len(e.rewards) for e in episodes)
+    np.testing.assert_array_equal(transitions["next_obs"][-1], episodes[-1].observations[-1])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_medium_expert_is_combined_once_then_local(script, medium_and_expert, capsys):
+    dataset_id = module(script).resolve_dataset_id("hopper-medium-expert-v2")
+    assert dataset_id == "mujoco/hopper/medium-expert-v0"
+    if dataset_id in minari.list_local_datasets():
+        minari.delete_dataset(dataset_id)
+    dataset = module(script).load_dataset(dataset_id)
+    assert dataset.total_steps == sum(medium_and_expert) and "combining" in capsys.readouterr().out
+    assert module(script).load_dataset(dataset_id).total_steps == sum(medium_and_expert)
+    assert "combining" not in capsys.readouterr().out  # reused from the local store
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_antmaze_dict_observations_and_a_goal_ending_eval_env(script, antmaze_dataset):
+    m = module(script)
+    args = m.task_defaults(m.Args(env_id=antmaze_dataset))
+    assert (args.reward_tune, args.lr) == ("cql", 3e-4)
+    transitions, make_env, action_space, ref_scores = m.load_task(args, antmaze_dataset)
+    assert transitions["obs"].shape[1] == 2 + 2 + 27  # achieved_goal, desired_goal, observation
+    assert action_space.shape == (8,) and ref_scores == (0.0, 1.0)  # normalized score = success rate
+    env = make_env()
+    assert env.unwrapped.continuing_task is False  # the episode ends at the goal, as in D4RL
+    np.testing.assert_array_equal(
+        transitions["obs"][0], m.flatten_obs(next(minari.load_dataset(antmaze_dataset).iterate_episodes()).observations)[0]
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_pen_rewards_are_normalized_and_scored_with_the_datasets_references(script, pen_dataset):
+    m = module(script)
+    args = m.task_defaults(m.Args(env_id=pen_dataset))
+    assert (args.reward_tune, args.lr) == ("normalize", 3e-5)
+    transitions, _, _, ref_scores = m.load_task(args, pen_dataset)
+    assert ref_scores == (-10.0, 3000.0)
+    device = torch.device("cpu") if script in TORCH_SCRIPTS else m.jax.devices("cpu")[0]
+    rewards = np.asarray(m.dataset_to_tensors(transitions, args.reward_tune, device)["rewards"])
+    assert abs(rewards.mean()) < 1e-4 and abs(rewards.std() - 1) < 1e-3
+
+
+def test_antmaze_runs_end_to_end(antmaze_dataset, tmp_path):
+    result = run("ofql", tmp_path, "--env-id", antmaze_dataset, "--total-steps", "20", "--log-freq", "10", *QUICK)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = summary_of(tmp_path)
+    assert summary["normalized_score"] in (0.0, 100.0)  # one episode: success or not
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_d4rl_file_runs_end_to_end_on_the_gymnasium_env(script, d4rl_file, minari_path, tmp_path):
+    flags = ("--env-id", "hopper-medium-replay-v2", "--dataset-path", str(d4rl_file), "--total-steps", "20", "--log-freq", "10")
+    result = run(script, tmp_path, *flags, *QUICK)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "evaluation runs on Gymnasium's Hopper-v5" in result.stdout
+    summary = summary_of(tmp_path)
+    assert summary["dataset_id"] == str(d4rl_file) and summary["args"]["grad_norm"] == 4.0  # hopper-medium-replay's row
+
+
+# Bad input: exit code not 0, one message that names the fix, no traceback, nothing left behind -----------------------
+
+
+def bad_inputs(tmp_path, d4rl_file) -> dict[str, tuple[list[str], str]]:
+    corrupt = tmp_path / "corrupt.hdf5"
+    corrupt.write_bytes(d4rl_file.read_bytes()[:2000])
+    no_timeouts = write_d4rl_file(tmp_path / "no_timeouts.hdf5", hopper_episodes(2, seed=0), drop="timeouts")
+    cases = {
+        "unknown env id": (["--env-id", "hoper-medium-v2"], "Did you mean: hopper-medium"),
+        "medium-replay asked of Minari": (["--env-id", "hopper-medium-replay-v2"], "--dataset-path hopper_medium_replay-v2.hdf5"),
+        "dataset not local, offline": (["--env-id", "hopper-medium-v2"], "minari download mujoco/hopper/medium-v0"),
+        "missing file": (["--env-id", "hopper-medium-replay-v2", "--dataset-path", "missing.hdf5"], "missing.hdf5: no such file"),
+        "corrupt file": (["--env-id", "hopper-medium-replay-v2", "--dataset-path", str(corrupt)], "not a readable hdf5 file"),
+        "file without timeouts": (["--env-id", "hopper-medium-replay-v2", "--dataset-path", str(no_timeouts)], "no timeouts in the file"),
+        "file of another env": (
+            ["--env-id", "walker2d-medium-replay-v2", "--dataset-path", str(d4rl_file)],
+            "do not match the env Walker2d-v5",
+        ),
+        "resume without a checkpoint": (["--resume", str(tmp_path / "runs" / "nothing")], "no checkpoint"),
+    }
+    import mujoco
+
+    if tuple(int(part) for part in mujoco.__version__.split(".")[:2]) >= (3, 12):
+        cases["kitchen on mujoco >= 3.12"] = (["--env-id", "kitchen-partial-v0"], "pip install -e '.[kitchen]'")
+    return cases
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_fails_with_one_readable_message(script, d4rl_file, tmp_path):
+    module(script)
+    env = os.environ | {"MINARI_DATASETS_PATH": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}  # offline, and fast about it
+    for case, (flags, message) in bad_inputs(tmp_path, d4rl_file).items():
+        result = run(script, tmp_path, *flags, "--no-cuda", env=env, timeout=60)
+        assert result.returncode != 0, case
+        assert message in result.stderr and "error:" in result.stderr, (case, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr, (case, result.stderr[-1500:])
+        assert not (tmp_path / "runs").exists(), case
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(script, minari_path, tmp_path):
+    """An actor learning rate of 1e30 makes the losses of the second update non-finite."""
+    flags = ("--env-id", HOPPER_DATASET_ID, "--total-steps", "50", "--log-freq", "10", "--checkpoint-freq", "1", "--lr", "1e30")
+    result = run(script, tmp_path, *flags, *QUICK)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "non-finite loss at update 2" in result.stderr and "the last finite losses, at update 1: critic_loss" in result.stderr
+    (checkpoint,) = (tmp_path / "runs").glob("*/checkpoint.*")
+    if script in TORCH_SCRIPTS:
+        saved = torch.load(checkpoint)
+        assert saved["step"] == 1 and all(value.isfinite().all() for value in saved["actor"].values())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_same_seed_same_losses_and_resume_continues_exactly(script, minari_path, tmp_path):
+    """Two runs with the same seed log identical losses at every update; a run stopped by SIGTERM and resumed logs
+    the same losses as the uninterrupted one, in the same run folder."""
+    flags = ("--env-id", HOPPER_DATASET_ID, "--total-steps", "120", "--log-freq", "1", *QUICK)
+    runs = {}
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        assert run(script, tmp_path / name, *flags).returncode == 0
+        runs[name] = logged_losses(next((tmp_path / name / "runs").iterdir()))
+    assert all(len(series) == 120 for series in runs["first"].values())
+    assert runs["first"] == runs["second"]
+
+    # interrupted at update ~40 by SIGTERM, then resumed
+    cwd = tmp_path / "interrupted"
+    cwd.mkdir()
+    command = [sys.executable, str(ROOT / f"{script}.py"), *flags]
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+    )
+    for line in process.stdout:
+        if line.startswith("update 40/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, output[-2000:]
+    (run_dir,) = (cwd / "runs").iterdir()
+    partial = json.loads((run_dir / "summary.json").read_text())
+    stopped_at = partial["interrupted_at_step"]
+    assert 40 <= stopped_at < 120 and f"--resume {os.path.join('runs', run_dir.name)}" in output
+    resumed = run(script, cwd, "--resume", os.path.join("runs", run_dir.name), "--threads", "1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = summary_of(cwd)
+    assert summary["resumed_from_step"] == stopped_at and summary["total_steps"] == 120
+    assert logged_losses(run_dir) == runs["first"]
