@@ -10,6 +10,8 @@ Eq. 8), and the critic's next actions come from an EMA target actor (Eq. 7). Equ
 Usage:
     python dql.py --env-id hopper-medium-v2                # D4RL name -> Minari dataset
     MINARI_DATASETS_PATH=../shared/datasets python dql.py --env-id sac/hopper/medium-replay-v0
+    python dql.py --env-id hopper-medium-replay-v2 --dataset-path hopper_medium_replay-v2.hdf5   # a D4RL file
+    python dql.py --resume runs/{run_name}                 # continue an interrupted run (Ctrl-C checkpoints)
     python dql.py --eval-sampler ddim --eval-steps 1       # the paper's ablation "DQL + DDIM (1)"
     python dql.py --help                                   # every flag, with its meaning
 
@@ -23,14 +25,20 @@ Choices the sources leave open (see README, "Implementation details"):
 
 import difflib
 import json
+import logging
 import os
 import random
 import re
+import signal
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 import gymnasium as gym
+import h5py
 import minari
 import numpy as np
 import torch
@@ -63,11 +71,19 @@ class Args:
     eval_only: bool = False
     """skip training: evaluate the networks in --checkpoint"""
     checkpoint: str | None = None
-    """a `model.pt` written by --save-model, for --eval-only"""
+    """a `model.pt` written by --save-model (or a `checkpoint.pt`), for --eval-only"""
+    checkpoint_freq: int = 0
+    """write the training state to `runs/{run_name}/checkpoint.pt` every this many updates (0: only on SIGINT/SIGTERM)"""
+    resume: str | None = None
+    """a run folder `runs/{run_name}`: continue its `checkpoint.pt` to the same --total-steps, with the run's own arguments"""
+    compile: bool = False
+    """torch.compile the update and the policy call"""
 
     # Data and evaluation
     env_id: str = "hopper-medium-v2"
     """a D4RL name (hopper-medium-v2) or a Minari dataset id (mujoco/hopper/medium-v0)"""
+    dataset_path: str | None = None
+    """an original D4RL hdf5 file to train on instead of Minari's data; --env-id names its task (hopper-medium-replay-v2)"""
     total_steps: int | None = None
     """number of gradient updates (default: the task table's)"""
     batch_size: int = 256
@@ -146,15 +162,17 @@ DOMAIN_DEFAULTS = {
 }
 DEFAULT_TASK = "hopper-medium"
 
-# D4RL names (version suffix dropped) -> Minari dataset ids.
+# D4RL names (version suffix dropped) -> Minari dataset ids. Minari has no medium-expert: it is combined from
+# medium and expert the first time it is asked for (see load_dataset), then kept in the local Minari store.
 LOCOMOTION = ("hopper", "halfcheetah", "walker2d", "ant", "humanoid")
 ANTMAZE = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 D4RL_TO_MINARI = {
-    **{f"{e}-{k}": f"mujoco/{e}/{k}-v0" for e in LOCOMOTION for k in ("medium", "expert", "simple")},
+    **{f"{e}-{k}": f"mujoco/{e}/{k}-v0" for e in LOCOMOTION for k in ("medium", "expert", "simple", "medium-expert")},
     **{f"antmaze-{k}": f"D4RL/antmaze/{k}-v1" for k in ANTMAZE},
     **{f"kitchen-{k}": f"D4RL/kitchen/{k}-v2" for k in ("complete", "partial", "mixed")},
     **{f"{e}-{k}": f"D4RL/{e}/{k}-v2" for e in ("pen", "door", "hammer", "relocate") for k in ("human", "cloned", "expert")},
 }
+COMBINED_DATASETS = {f"mujoco/{e}/medium-expert-v0": (f"mujoco/{e}/medium-v0", f"mujoco/{e}/expert-v0") for e in LOCOMOTION}
 # D4RL's normalization constants (min, max): random and expert returns of the original tasks.
 D4RL_REF_SCORES = {
     "hopper": (-20.272305, 3234.3),
@@ -164,6 +182,10 @@ D4RL_REF_SCORES = {
     "antmaze": (0.0, 1.0),
     "kitchen": (0.0, 4.0),
 }
+# --dataset-path: the Gymnasium env that evaluates a D4RL file (D4RL's own -v2 envs need mujoco-py). Same observations.
+D4RL_FILE_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+D4RL_FILE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}-v2.hdf5"  # name: hopper_medium_replay
+KITCHEN_MUJOCO = (3, 12)  # FrankaKitchen-v1 fails on mujoco >= 3.12 (a joint-type assertion); the `kitchen` extra pins it
 
 
 def strip_version(name: str) -> str:
@@ -177,22 +199,28 @@ def resolve_dataset_id(env_id: str) -> str:
     name = strip_version(env_id)
     if name in D4RL_TO_MINARI:
         return D4RL_TO_MINARI[name]
-    if name.endswith("-medium-replay") or name.endswith("-medium-expert"):
-        raise ValueError(f"{env_id!r}: Minari has no such dataset (its MuJoCo datasets are medium, expert and simple).")
+    if name.endswith("-medium-replay") and name.split("-")[0] in D4RL_FILE_ENVS:
+        file_url = D4RL_FILE_URL.format(name=name.replace("-", "_"))
+        raise ValueError(
+            f"{env_id!r}: Minari has no medium-replay datasets. Train on D4RL's file instead: download {file_url} "
+            f"and run with --env-id {env_id} --dataset-path {os.path.basename(file_url)}"
+        )
     close = difflib.get_close_matches(name, D4RL_TO_MINARI, n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown --env-id {env_id!r}.{hint} Known D4RL names: {', '.join(D4RL_TO_MINARI)}; or give a Minari id.")
 
 
-def task_name(dataset_id: str) -> str:
-    """`mujoco/hopper/medium-v0` -> `hopper-medium`: the key of TASKS and of its domain."""
-    domain, kind = dataset_id.split("/")[-2:]
-    return f"{domain}-{strip_version(kind)}"
+def task_name(env_id: str) -> str:
+    """`hopper-medium-v2` or `mujoco/hopper/medium-v0` -> `hopper-medium`: the key of TASKS and of its domain."""
+    if "/" in env_id:
+        domain, kind = env_id.split("/")[-2:]
+        return f"{domain}-{strip_version(kind)}"
+    return strip_version(env_id)
 
 
-def task_defaults(args: Args, dataset_id: str) -> Args:
+def task_defaults(args: Args) -> Args:
     """Fill every None field of the algorithm block from the task table (command line wins)."""
-    task = task_name(dataset_id)
+    task = task_name(args.env_id)
     domain = task.split("-")[0]
     lr, eta, max_q_backup, reward_tune, updates, grad_norm = TASKS.get(task) or TASKS[DOMAIN_DEFAULTS.get(domain, DEFAULT_TASK)]
     defaults = dict(lr=lr, eta=eta, max_q_backup=max_q_backup, reward_tune=reward_tune, total_steps=updates, grad_norm=grad_norm)
@@ -203,31 +231,42 @@ def task_defaults(args: Args, dataset_id: str) -> Args:
 
 
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
-    """The local copy under MINARI_DATASETS_PATH, else a download from the Minari remote."""
+    """The local copy under MINARI_DATASETS_PATH; else, for medium-expert, medium and expert combined (and kept
+    locally); else a download from the Minari remote."""
     try:
         return minari.load_dataset(dataset_id)
     except FileNotFoundError:
         local = minari.storage.get_dataset_path(dataset_id)
-        print(f"{dataset_id} is not in {local}: downloading it")
+    if dataset_id in COMBINED_DATASETS:
+        parts = [load_dataset(part) for part in COMBINED_DATASETS[dataset_id]]
+        print(f"{dataset_id}: combining {' and '.join(COMBINED_DATASETS[dataset_id])} into {local}")
+        try:
+            return minari.combine_datasets(parts, new_dataset_id=dataset_id)
+        except BaseException:  # interrupted or failed: no half-written dataset left in the store
+            minari.delete_dataset(dataset_id)
+            raise
+    print(f"{dataset_id} is not in {local}: downloading it")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # one message below, not one per retry
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as error:  # no network, or no such dataset on the remote
-        raise SystemExit(
-            f"error: {dataset_id} is not local (looked in {local}, set by MINARI_DATASETS_PATH) and could not be downloaded "
+        raise ValueError(
+            f"{dataset_id} is not local (looked in {local}, set by MINARI_DATASETS_PATH) and could not be downloaded "
             f"({type(error).__name__}: {error}). On a machine with internet run `minari download {dataset_id}`, copy the "
             "folder into MINARI_DATASETS_PATH here, or check the id with `minari list remote`."
         ) from None
 
 
 def flatten_obs(obs) -> np.ndarray:
-    """Dict observations -> one array, keys in sorted order (AntMaze: achieved_goal, desired_goal, observation)."""
+    """Dict observations -> one array, keys in sorted order, nested dicts likewise (AntMaze: achieved_goal,
+    desired_goal, observation)."""
     if isinstance(obs, dict):
-        return np.concatenate([np.asarray(obs[k]) for k in sorted(obs)], axis=-1)
+        return np.concatenate([flatten_obs(obs[k]) for k in sorted(obs)], axis=-1)
     return np.asarray(obs)
 
 
-def dataset_to_tensors(dataset: minari.MinariDataset, reward_tune: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Flatten the episodes into transition tensors on `device`; done = termination only (a truncation is not terminal)."""
+def minari_transitions(dataset: minari.MinariDataset) -> dict[str, np.ndarray]:
+    """Flatten the episodes into transitions; done = termination only (a truncation is not terminal)."""
     obs, actions, rewards, next_obs, terminals = [], [], [], [], []
     for episode in dataset.iterate_episodes():
         episode_obs = flatten_obs(episode.observations)  # (N + 1, obs_dim)
@@ -236,13 +275,88 @@ def dataset_to_tensors(dataset: minari.MinariDataset, reward_tune: str, device: 
         actions.append(episode.actions)
         rewards.append(episode.rewards)
         terminals.append(episode.terminations)
-    data = {
+    return {
         "obs": np.concatenate(obs),
         "actions": np.concatenate(actions),
-        "rewards": np.concatenate(rewards)[:, None],
+        "rewards": np.concatenate(rewards),
         "next_obs": np.concatenate(next_obs),
-        "terminals": np.concatenate(terminals)[:, None],
+        "terminals": np.concatenate(terminals),
     }
+
+
+def d4rl_transitions(path: str) -> dict[str, np.ndarray]:
+    """An original D4RL hdf5 file, read with h5py (no d4rl, no mujoco-py). Without `next_observations`, the next
+    observation is the next row, and rows marked `timeouts` (and the file's last) are dropped: their successor is
+    the next episode's start. Done = `terminals` only."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--dataset-path {path}: no such file")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [key for key in keys if key not in f]
+            if missing:
+                raise ValueError(f"--dataset-path {path}: no {', '.join(missing)} in the file; a D4RL file holds {', '.join(keys)}")
+            raw = {key: f[key][()] for key in (*keys, "next_observations") if key in f}
+    except OSError as error:  # not hdf5, truncated, unreadable
+        raise ValueError(f"--dataset-path {path}: not a readable hdf5 file ({error}); download it again") from None
+    lengths = {key: len(value) for key, value in raw.items()}
+    if len(set(lengths.values())) != 1 or raw["observations"].ndim != 2 or raw["actions"].ndim != 2:
+        shapes = ", ".join(f"{key} {value.shape}" for key, value in raw.items())
+        raise ValueError(f"--dataset-path {path}: inconsistent arrays ({shapes}); expected (N, obs_dim), (N, action_dim) and (N,)")
+    if "next_observations" in raw:
+        keep, next_obs = np.ones(len(raw["observations"]), dtype=bool), raw["next_observations"]
+    else:
+        keep, next_obs = ~raw["timeouts"].astype(bool), np.roll(raw["observations"], -1, axis=0)
+        keep[-1] = False
+    transitions = dict(
+        obs=raw["observations"], actions=raw["actions"], rewards=raw["rewards"], next_obs=next_obs, terminals=raw["terminals"]
+    )
+    return {key: value[keep] for key, value in transitions.items()}
+
+
+def load_task(args: Args, dataset_id: str) -> tuple[dict[str, np.ndarray], Callable[[], gym.Env], gym.spaces.Box, tuple[float, float]]:
+    """Transitions, the evaluation env's constructor, its action space and the (min, max) reference returns.
+    Every problem a user can fix raises ValueError with the fix."""
+    domain = task_name(args.env_id).split("-")[0]
+    if args.dataset_path:
+        if domain not in D4RL_FILE_ENVS:
+            raise ValueError(
+                f"--dataset-path takes {', '.join(D4RL_FILE_ENVS)} files (--env-id hopper-medium-replay-v2, ...), not {domain!r}"
+            )
+        print(f"warning: {args.dataset_path} holds D4RL's data; evaluation runs on Gymnasium's {D4RL_FILE_ENVS[domain]}, not D4RL's env")
+        transitions, ref_scores = d4rl_transitions(args.dataset_path), D4RL_REF_SCORES[domain]
+        make_env = partial(gym.make, D4RL_FILE_ENVS[domain])
+    else:
+        if domain == "kitchen":
+            import mujoco
+
+            if tuple(int(part) for part in mujoco.__version__.split(".")[:2]) >= KITCHEN_MUJOCO:
+                raise ValueError(
+                    f"FrankaKitchen-v1 fails on mujoco >= 3.12 (installed: {mujoco.__version__}): "
+                    "pip install -e '.[kitchen]' (gymnasium-robotics and mujoco<3.12)"
+                )
+        dataset = load_dataset(dataset_id)
+        transitions, ref_scores = minari_transitions(dataset), reference_scores(dataset, dataset_id, domain)
+        # AntMaze: an episode ends at the goal, so the normalized score is D4RL's success rate
+        make_env = partial(dataset.recover_environment, eval_env=True, **({"continuing_task": False} if domain == "antmaze" else {}))
+    try:
+        env = make_env()
+    except ImportError as error:
+        raise ValueError(f"{args.env_id}: its env needs the module {error.name!r}: pip install -e '.[robotics]'") from None
+    obs_dim, action_space = flatten_obs(env.reset(seed=args.seed)[0]).shape[-1], env.action_space
+    env.close()
+    data_dims = (transitions["obs"].shape[1], transitions["actions"].shape[1])
+    if data_dims != (obs_dim, action_space.shape[0]):
+        raise ValueError(
+            f"{args.dataset_path or dataset_id}: observations and actions of size {data_dims} do not match "
+            f"the env {env.spec.id}'s {(obs_dim, action_space.shape[0])}; check --env-id"
+        )
+    return transitions, make_env, action_space, ref_scores
+
+
+def dataset_to_tensors(transitions: dict[str, np.ndarray], reward_tune: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Reward shaping per task, then float32 tensors on `device`: rewards and terminals as (N, 1)."""
+    data = transitions | {"rewards": transitions["rewards"][:, None], "terminals": transitions["terminals"][:, None]}
     if reward_tune == "cql":
         data["rewards"] = (data["rewards"] - 0.5) * 4.0
     elif reward_tune == "normalize":
@@ -252,9 +366,8 @@ def dataset_to_tensors(dataset: minari.MinariDataset, reward_tune: str, device: 
     return {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in data.items()}
 
 
-def reference_scores(dataset: minari.MinariDataset, dataset_id: str) -> tuple[float, float]:
+def reference_scores(dataset: minari.MinariDataset, dataset_id: str, domain: str) -> tuple[float, float]:
     """D4RL's (min, max) return for the domain, else the dataset's own reference scores."""
-    domain = task_name(dataset_id).split("-")[0]
     if domain in D4RL_REF_SCORES:
         return D4RL_REF_SCORES[domain]
     metadata = dataset.storage.metadata
@@ -424,24 +537,41 @@ def decision_frequency(policy, obs: torch.Tensor, warmup: int = 10, repeats: int
     return repeats / (time.perf_counter() - start)
 
 
-def write_json(path: str, content: dict):
-    """Write atomically (temporary file, then rename): an interrupted run never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=2)
+def format_losses(losses: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in losses.items()) or "none yet"
+
+
+def save_atomically(path: str, content: dict):
+    """Write to a temporary file, then rename: an interrupted run never leaves half a file. JSON or torch.save."""
+    if path.endswith(".json"):
+        with open(path + ".tmp", "w") as f:
+            json.dump(content, f, indent=2)
+    else:
+        torch.save(content, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    saved = None  # a checkpoint to resume, or a model to evaluate
+    if args.resume:  # the run's own arguments, except where and how to run
+        checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isfile(checkpoint_path):
+            raise SystemExit(
+                f"error: --resume {args.resume}: no checkpoint.pt there (written on SIGINT/SIGTERM and every --checkpoint-freq updates)"
+            )
+        saved = torch.load(checkpoint_path, map_location="cpu")
+        args = Args(**saved["args"] | {k: getattr(args, k) for k in ("resume", "cuda", "threads", "track", "compile")})
     try:
-        dataset_id = resolve_dataset_id(args.env_id)
+        dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    args = task_defaults(args, dataset_id)
+    args = task_defaults(args)
     args.eval_steps = args.eval_steps or args.diffusion_steps
     if args.eval_sampler == "ddpm" and args.eval_steps != args.diffusion_steps or not 1 <= args.eval_steps <= args.diffusion_steps:
         raise SystemExit(f"error: --eval-steps {args.eval_steps}: ddpm takes all T = {args.diffusion_steps} steps, ddim 1 to T")
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or f"runs/{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = os.path.basename(os.path.normpath(run_dir))
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -452,22 +582,21 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # data setup: transitions on the device, the env the dataset was recorded on for evaluation
-    dataset = load_dataset(dataset_id)
-    data = dataset_to_tensors(dataset, args.reward_tune, device)
+    # data setup: transitions on the device, the env the data was recorded on for evaluation
+    try:
+        transitions, make_env, action_space, (ref_min, ref_max) = load_task(args, dataset_id)
+        data = dataset_to_tensors(transitions, args.reward_tune, device)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     num_transitions = data["obs"].shape[0]
-    ref_min, ref_max = reference_scores(dataset, dataset_id)
-
-    def make_env() -> gym.Env:
-        return dataset.recover_environment(eval_env=True)
-
-    action_space = dataset.action_space
     obs_dim, action_dim = data["obs"].shape[1], data["actions"].shape[1]
     print(f"{dataset_id}: {num_transitions:,} transitions, obs_dim {obs_dim}, action_dim {action_dim}, device {device}")
 
+    wandb_id = saved["wandb_id"] if saved else None
     if args.track:
         import wandb
 
+        wandb_id = wandb_id or wandb.util.generate_id()
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
@@ -475,9 +604,12 @@ if __name__ == "__main__":
             config=vars(args),
             name=run_name,
             save_code=True,
+            id=wandb_id,
+            resume="allow",
         )
     # logging: only now that the data loaded, so that a failed start leaves no run folder behind
-    writer = SummaryWriter(f"runs/{run_name}")
+    start_step = saved["step"] if saved else 0
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if saved else None)  # drop what was logged after the checkpoint
     table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
@@ -489,6 +621,9 @@ if __name__ == "__main__":
     critic_target.load_state_dict(critic.state_dict())
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    networks = {"actor": actor, "critic": critic, "critic_target": critic_target}
+    networks["actor_target"] = actor_target  # checkpointed, saved and loaded like the others
+    optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         return select_actions(actor, critic_target, obs, args.num_candidates, args.eval_sampler, args.eval_steps)
@@ -497,7 +632,7 @@ if __name__ == "__main__":
         return 100 * (returns - ref_min) / (ref_max - ref_min)
 
     # ALGO LOGIC: one training update, a function of tensors with static shapes and no host synchronisation
-    def update(obs, actions, rewards, next_obs, terminals, step: int) -> dict[str, torch.Tensor]:
+    def update(obs, actions, rewards, next_obs, terminals) -> dict[str, torch.Tensor]:
         # critic: clipped double-Q target (Eq. 7) with next actions from the EMA target actor
         with torch.no_grad():
             if args.max_q_backup:  # 10 next actions per s': max per critic, then min over critics
@@ -528,24 +663,38 @@ if __name__ == "__main__":
             nn.utils.clip_grad_norm_(actor.parameters(), max_norm=args.grad_norm)
         actor_optimizer.step()
 
-        # target critic: Polyak averaging, fused; EMA target actor every `ema_every` updates from `ema_start` (host ints)
+        # target critic: Polyak averaging, fused
         with torch.no_grad():
             torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
-            if step >= args.ema_start and step % args.ema_every == 0:
-                torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), 1 - args.ema_decay)
         return {"critic_loss": critic_loss, "bc_loss": bc_loss, "q_loss": q_loss, "actor_loss": actor_loss, "q_mean": current_q1.mean()}
+
+    def update_actor_target(step: int):
+        """EMA target actor (Eq. 7) every `ema_every` updates from `ema_start`; until then it keeps its initial weights."""
+        if step >= args.ema_start and step % args.ema_every == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), 1 - args.ema_decay)
+
+    if args.compile:
+        update, policy = torch.compile(update), torch.compile(policy)
 
     if args.eval_only:
         if args.checkpoint is None:
-            raise SystemExit("--eval-only needs --checkpoint PATH (a model.pt written by --save-model)")
-        checkpoint = torch.load(args.checkpoint, map_location=device)
-        actor.load_state_dict(checkpoint["actor"])
-        actor_target.load_state_dict(checkpoint["actor_target"])
-        critic.load_state_dict(checkpoint["critic"])
-        critic_target.load_state_dict(checkpoint["critic_target"])
+            raise SystemExit("error: --eval-only needs --checkpoint PATH (a model.pt written by --save-model)")
+        saved = torch.load(args.checkpoint, map_location=device)
         args.total_steps = 0
+    if saved:  # the networks; when resuming also the optimizers and the RNG
+        for name, module in networks.items():
+            module.load_state_dict(saved[name])
+    if args.resume:
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(saved[name])
+        torch.set_rng_state(saved["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        print(f"resuming {run_dir} from update {start_step}")
 
-    evaluations = []  # (update, normalized score)
+    evaluations = saved["evaluations"] if args.resume else []  # (update, normalized score)
+    train_seconds = saved["train_seconds"] if args.resume else 0.0
 
     def evaluate_and_log(step: int, num_episodes: int) -> np.ndarray:
         scores = normalized(evaluate(policy, make_env, num_episodes, args.max_eval_envs, args.seed + step, device))
@@ -554,18 +703,76 @@ if __name__ == "__main__":
         print(f"update {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f} over {len(scores)} episodes")
         return scores
 
-    # TRY NOT TO MODIFY: the training loop
-    train_seconds, start_time = 0.0, time.perf_counter()
-    for step in range(1, args.total_steps + 1):
-        idx = torch.randint(num_transitions, (args.batch_size,), device=device)
-        losses = update(*(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals")), step)
+    def write_summary(step: int, **results) -> dict:
+        updates_per_second = step / train_seconds if train_seconds > 0 else 0.0
+        summary = {
+            "algorithm": args.exp_name,
+            "env_id": args.env_id,
+            "dataset_id": dataset_id,
+            "seed": args.seed,
+            "total_steps": step,
+            **results,
+            "best_normalized_score": max((score for _, score in evaluations), default=None),
+            "train_seconds": train_seconds,
+            "updates_per_second": updates_per_second,
+            "hours_per_million_updates": 1e6 / updates_per_second / 3600 if updates_per_second > 0 else None,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "resumed_from_step": start_step if args.resume else None,
+            "evaluations": evaluations,
+            "args": asdict(args),
+        }
+        save_atomically(f"{run_dir}/summary.json", summary)
+        return summary
 
-        if step % args.log_freq == 0 or step == args.total_steps:
+    def save_checkpoint(step: int):
+        state = {name: module.state_dict() for name, module in (networks | optimizers).items()}
+        rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+        progress = {"step": step, "train_seconds": train_seconds, "evaluations": evaluations, "wandb_id": wandb_id, "args": asdict(args)}
+        save_atomically(f"{run_dir}/checkpoint.pt", state | rng | progress)
+
+    # SIGINT (Ctrl-C) or SIGTERM: finish the current update, checkpoint, write the summary so far, exit
+    stop_signals = []
+
+    def request_stop(signum, frame):
+        if stop_signals:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        stop_signals.append(signum)
+        print(f"{signal.Signals(signum).name}: checkpointing after this update (again to stop at once)", flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    # TRY NOT TO MODIFY: the training loop
+    first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # first update with a non-finite loss (0: none yet)
+    last_finite = (start_step, {})  # the last losses read on the host, all finite
+    start_time = time.perf_counter()
+    for step in range(start_step + 1, args.total_steps + 1):
+        idx = torch.randint(num_transitions, (args.batch_size,), device=device)
+        losses = update(*(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals")))
+        update_actor_target(step)
+        finite = torch.stack(list(losses.values())).isfinite().all()
+        first_nonfinite = torch.where(finite | (first_nonfinite > 0), first_nonfinite, step)  # on the device: no sync
+
+        if step % args.eval_freq == 0 and step < args.total_steps:
+            train_seconds += time.perf_counter() - start_time
+            evaluate_and_log(step, args.eval_episodes)
+            start_time = time.perf_counter()
+
+        stopping = bool(stop_signals)  # read once: a signal that comes later in this block is handled after the next update
+        checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+        if step % args.log_freq == 0 or step == args.total_steps or checkpoint_now:
             losses = {k: v.item() for k, v in losses.items()}  # the only host synchronisation
-            if not all(np.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"non-finite loss at update {step}: {losses}")
             train_seconds += time.perf_counter() - start_time
             start_time = time.perf_counter()
+            if first_nonfinite.item() > 0:  # stop before anything is saved: the last checkpoint stays intact
+                writer.close()
+                raise SystemExit(
+                    f"error: non-finite loss at update {first_nonfinite.item()} (at update {step}: {format_losses(losses)}); the last "
+                    f"finite losses, at update {last_finite[0]}: {format_losses(last_finite[1])}. Nothing was saved after them. "
+                    "Lower --lr or --critic-lr, or clip gradients with --grad-norm."
+                )
+            last_finite = (step, losses)
             for k, v in losses.items():
                 writer.add_scalar(f"losses/{k}", v, step)
             updates_per_second = step / train_seconds
@@ -575,56 +782,38 @@ if __name__ == "__main__":
                 f"update {step}/{args.total_steps} | {updates_per_second:.1f} updates/s | ETA {eta_minutes:.1f} min | "
                 f"critic {losses['critic_loss']:.3f} | bc {losses['bc_loss']:.3f} | q {losses['q_loss']:.3f}"
             )
-
-        if step % args.eval_freq == 0 and step < args.total_steps:
-            train_seconds += time.perf_counter() - start_time
-            evaluate_and_log(step, args.eval_episodes)
-            start_time = time.perf_counter()
+            if checkpoint_now:  # after this update's evaluation, which draws from the same RNG
+                save_checkpoint(step)
+            if stopping:
+                write_summary(step, interrupted_at_step=step)
+                writer.close()
+                print(f"stopped at update {step}; continue with: python {sys.argv[0]} --resume {run_dir}")
+                sys.exit(128 + stop_signals[0])
 
     if args.save_model:
-        model_path = f"runs/{run_name}/model.pt"
-        torch.save(
-            {"actor": actor.state_dict(), "critic": critic.state_dict(), "critic_target": critic_target.state_dict(), "args": asdict(args)}
-            | {"actor_target": actor_target.state_dict()},
-            model_path + ".tmp",
-        )
-        os.replace(model_path + ".tmp", model_path)
-        print(f"model saved to {model_path}")
+        save_atomically(f"{run_dir}/model.pt", {name: module.state_dict() for name, module in networks.items()} | {"args": asdict(args)})
+        print(f"model saved to {run_dir}/model.pt")
 
     # final evaluation, decision frequency and summary
     scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)
     decision_hz = decision_frequency(policy, data["obs"])
     returns = scores / 100 * (ref_max - ref_min) + ref_min
-    updates_per_second = args.total_steps / train_seconds if train_seconds > 0 else 0.0
-    summary = {
-        "algorithm": args.exp_name,
-        "env_id": args.env_id,
-        "dataset_id": dataset_id,
-        "seed": args.seed,
-        "total_steps": args.total_steps,
-        "normalized_score": float(scores.mean()),
-        "normalized_score_std": float(scores.std()),
-        "best_normalized_score": max(score for _, score in evaluations),
-        "return_mean": float(returns.mean()),
-        "eval_episodes": len(scores),
-        "num_candidates": args.num_candidates,
-        "eval_sampler": args.eval_sampler,
-        "eval_steps": args.eval_steps,
-        "train_seconds": train_seconds,
-        "updates_per_second": updates_per_second,
-        "hours_per_million_updates": 1e6 / updates_per_second / 3600 if updates_per_second > 0 else None,
-        "decision_hz": decision_hz,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "evaluations": evaluations,
-        "args": asdict(args),
-    }
-    write_json(f"runs/{run_name}/summary.json", summary)
+    summary = write_summary(
+        args.total_steps,
+        normalized_score=float(scores.mean()),
+        normalized_score_std=float(scores.std()),
+        return_mean=float(returns.mean()),
+        eval_episodes=len(scores),
+        num_candidates=args.num_candidates,
+        eval_sampler=args.eval_sampler,
+        eval_steps=args.eval_steps,
+        decision_hz=decision_hz,
+    )
     writer.add_scalar("charts/decision_hz", decision_hz, args.total_steps)
     print(
         f"{dataset_id}: normalized score {summary['normalized_score']:.1f} +- {summary['normalized_score_std']:.1f} "
-        f"(best {summary['best_normalized_score']:.1f}) | training {train_seconds:.0f} s, {updates_per_second:.1f} updates/s, "
-        f"{summary['hours_per_million_updates'] or 0:.2f} h per 1M updates | {decision_hz:.1f} decisions/s | runs/{run_name}/summary.json"
+        f"(best {summary['best_normalized_score']:.1f}) | training {train_seconds:.0f} s, {summary['updates_per_second']:.1f} updates/s, "
+        f"{summary['hours_per_million_updates'] or 0:.2f} h per 1M updates | {decision_hz:.1f} decisions/s | {run_dir}/summary.json"
     )
     writer.close()
     if args.track:
