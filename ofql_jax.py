@@ -11,6 +11,8 @@ Usage:
     python ofql_jax.py --env-id hopper-medium-v2                # D4RL name -> Minari dataset
     python ofql_jax.py --env-id mujoco/hopper/expert-v0         # a Minari id is used as given
     MINARI_DATASETS_PATH=../shared/datasets python ofql_jax.py --env-id sac/hopper/medium-replay-v0
+    python ofql_jax.py --env-id hopper-medium-replay-v2 --dataset-path hopper_medium_replay-v2.hdf5   # a D4RL file
+    python ofql_jax.py --resume runs/{run_name}                 # continue an interrupted run (Ctrl-C checkpoints)
     python ofql_jax.py --help                                   # every flag, with its meaning
 
 The algorithm, the task table, the flags and summary.json are ofql.py's (see its docstring for the choices
@@ -28,24 +30,40 @@ the paper leaves open). What the translation changes, and why:
 - Layers are initialised as torch.nn.Linear's (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias),
   not flax's lecun-normal / zero bias, so both scripts start from the same distribution of networks.
 - --threads 1 sets XLA_FLAGS=--xla_cpu_multi_thread_eigen=false before JAX starts its CPU backend.
-- --save-model writes flax.serialization.to_bytes of the parameters to runs/{run_name}/model.msgpack.
+- Files are msgpack (flax.serialization.msgpack_serialize of numpy pytrees, written to a temporary file, then
+  renamed), not torch.save: --save-model writes the parameters ("actor", "critic", "critic_target") and "args"
+  to runs/{run_name}/model.msgpack; a checkpoint (SIGINT/SIGTERM, every --checkpoint-freq updates) writes
+  runs/{run_name}/checkpoint.msgpack: the same parameters, the optimizer states ("actor_optimizer",
+  "critic_optimizer", as flax.serialization.to_state_dict), the PRNG key, the number of policy calls (the
+  evaluation keys are folded from it), "step", "train_seconds", "evaluations", "wandb_id" and "args". --resume
+  restores them all: on the CPU the resumed run's losses equal the uninterrupted run's, bit for bit.
+- Signals, checkpoints and the non-finite loss check act between compiled calls (--checkpoint-freq too
+  divides into calls). Calls are dispatched asynchronously, so a signal is seen when the host next waits for
+  the device (a log, evaluation or checkpoint step): the run stops there, up to --log-freq updates later. The
+  first update with a non-finite loss is tracked inside the scan and read on the host only at log and
+  checkpoint steps.
+- No --compile: every update and the policy are jitted already.
 - On a GPU, XLA may run float32 matmuls in TF32 (torch does not by default): set
   JAX_DEFAULT_MATMUL_PRECISION=highest for torch's arithmetic.
 """
 
 import difflib
-import itertools
 import json
+import logging
 import os
 import random
 import re
+import signal
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import flax
 import flax.linen as nn
 import gymnasium as gym
+import h5py
 import jax
 import jax.numpy as jnp
 import minari
@@ -77,11 +95,17 @@ class Args:
     eval_only: bool = False
     """skip training: evaluate the networks in --checkpoint"""
     checkpoint: str | None = None
-    """a `model.msgpack` written by --save-model, for --eval-only"""
+    """a `model.msgpack` written by --save-model (or a `checkpoint.msgpack`), for --eval-only"""
+    checkpoint_freq: int = 0
+    """write the training state to `runs/{run_name}/checkpoint.msgpack` every this many updates (0: only on SIGINT/SIGTERM)"""
+    resume: str | None = None
+    """a run folder `runs/{run_name}`: continue its `checkpoint.msgpack` to the same --total-steps, with the run's own arguments"""
 
     # Data and evaluation
     env_id: str = "hopper-medium-v2"
     """a D4RL name (hopper-medium-v2) or a Minari dataset id (mujoco/hopper/medium-v0)"""
+    dataset_path: str | None = None
+    """an original D4RL hdf5 file to train on instead of Minari's data; --env-id names its task (hopper-medium-replay-v2)"""
     total_steps: int | None = None
     """number of gradient updates (default: the task table's)"""
     batch_size: int = 256
@@ -99,7 +123,7 @@ class Args:
     log_freq: int = 1000
     """log losses and the progress line every this many updates"""
     updates_per_call: int = 10
-    """updates in one compiled call (a lax.scan); lowered to divide log-freq, eval-freq and total-steps"""
+    """updates in one compiled call (a lax.scan); lowered to divide log-freq, eval-freq, checkpoint-freq and total-steps"""
 
     # Algorithm specific arguments (None: the task table's value)
     lr: float | None = None
@@ -157,15 +181,17 @@ DOMAIN_DEFAULTS = {
 }
 DEFAULT_TASK = "hopper-medium"
 
-# D4RL names (version suffix dropped) -> Minari dataset ids.
+# D4RL names (version suffix dropped) -> Minari dataset ids. Minari has no medium-expert: it is combined from
+# medium and expert the first time it is asked for (see load_dataset), then kept in the local Minari store.
 LOCOMOTION = ("hopper", "halfcheetah", "walker2d", "ant", "humanoid")
 ANTMAZE = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 D4RL_TO_MINARI = {
-    **{f"{e}-{k}": f"mujoco/{e}/{k}-v0" for e in LOCOMOTION for k in ("medium", "expert", "simple")},
+    **{f"{e}-{k}": f"mujoco/{e}/{k}-v0" for e in LOCOMOTION for k in ("medium", "expert", "simple", "medium-expert")},
     **{f"antmaze-{k}": f"D4RL/antmaze/{k}-v1" for k in ANTMAZE},
     **{f"kitchen-{k}": f"D4RL/kitchen/{k}-v2" for k in ("complete", "partial", "mixed")},
     **{f"{e}-{k}": f"D4RL/{e}/{k}-v2" for e in ("pen", "door", "hammer", "relocate") for k in ("human", "cloned", "expert")},
 }
+COMBINED_DATASETS = {f"mujoco/{e}/medium-expert-v0": (f"mujoco/{e}/medium-v0", f"mujoco/{e}/expert-v0") for e in LOCOMOTION}
 # D4RL's normalization constants (min, max): random and expert returns of the original tasks.
 D4RL_REF_SCORES = {
     "hopper": (-20.272305, 3234.3),
@@ -175,6 +201,10 @@ D4RL_REF_SCORES = {
     "antmaze": (0.0, 1.0),
     "kitchen": (0.0, 4.0),
 }
+# --dataset-path: the Gymnasium env that evaluates a D4RL file (D4RL's own -v2 envs need mujoco-py). Same observations.
+D4RL_FILE_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+D4RL_FILE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}-v2.hdf5"  # name: hopper_medium_replay
+KITCHEN_MUJOCO = (3, 12)  # FrankaKitchen-v1 fails on mujoco >= 3.12 (a joint-type assertion); the `kitchen` extra pins it
 
 
 def strip_version(name: str) -> str:
@@ -188,22 +218,28 @@ def resolve_dataset_id(env_id: str) -> str:
     name = strip_version(env_id)
     if name in D4RL_TO_MINARI:
         return D4RL_TO_MINARI[name]
-    if name.endswith("-medium-replay") or name.endswith("-medium-expert"):
-        raise ValueError(f"{env_id!r}: Minari has no such dataset (its MuJoCo datasets are medium, expert and simple).")
+    if name.endswith("-medium-replay") and name.split("-")[0] in D4RL_FILE_ENVS:
+        file_url = D4RL_FILE_URL.format(name=name.replace("-", "_"))
+        raise ValueError(
+            f"{env_id!r}: Minari has no medium-replay datasets. Train on D4RL's file instead: download {file_url} "
+            f"and run with --env-id {env_id} --dataset-path {os.path.basename(file_url)}"
+        )
     close = difflib.get_close_matches(name, D4RL_TO_MINARI, n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown --env-id {env_id!r}.{hint} Known D4RL names: {', '.join(D4RL_TO_MINARI)}; or give a Minari id.")
 
 
-def task_name(dataset_id: str) -> str:
-    """`mujoco/hopper/medium-v0` -> `hopper-medium`: the key of TASKS and of its domain."""
-    domain, kind = dataset_id.split("/")[-2:]
-    return f"{domain}-{strip_version(kind)}"
+def task_name(env_id: str) -> str:
+    """`hopper-medium-v2` or `mujoco/hopper/medium-v0` -> `hopper-medium`: the key of TASKS and of its domain."""
+    if "/" in env_id:
+        domain, kind = env_id.split("/")[-2:]
+        return f"{domain}-{strip_version(kind)}"
+    return strip_version(env_id)
 
 
-def task_defaults(args: Args, dataset_id: str) -> Args:
+def task_defaults(args: Args) -> Args:
     """Fill every None field of the algorithm block from the task table (command line wins)."""
-    task = task_name(dataset_id)
+    task = task_name(args.env_id)
     domain = task.split("-")[0]
     lr, eta, max_q_backup, reward_tune, updates, grad_norm = TASKS.get(task) or TASKS[DOMAIN_DEFAULTS.get(domain, DEFAULT_TASK)]
     defaults = dict(lr=lr, eta=eta, max_q_backup=max_q_backup, reward_tune=reward_tune, total_steps=updates, grad_norm=grad_norm)
@@ -214,31 +250,42 @@ def task_defaults(args: Args, dataset_id: str) -> Args:
 
 
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
-    """The local copy under MINARI_DATASETS_PATH, else a download from the Minari remote."""
+    """The local copy under MINARI_DATASETS_PATH; else, for medium-expert, medium and expert combined (and kept
+    locally); else a download from the Minari remote."""
     try:
         return minari.load_dataset(dataset_id)
     except FileNotFoundError:
         local = minari.storage.get_dataset_path(dataset_id)
-        print(f"{dataset_id} is not in {local}: downloading it")
+    if dataset_id in COMBINED_DATASETS:
+        parts = [load_dataset(part) for part in COMBINED_DATASETS[dataset_id]]
+        print(f"{dataset_id}: combining {' and '.join(COMBINED_DATASETS[dataset_id])} into {local}")
+        try:
+            return minari.combine_datasets(parts, new_dataset_id=dataset_id)
+        except BaseException:  # interrupted or failed: no half-written dataset left in the store
+            minari.delete_dataset(dataset_id)
+            raise
+    print(f"{dataset_id} is not in {local}: downloading it")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # one message below, not one per retry
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as error:  # no network, or no such dataset on the remote
-        raise SystemExit(
-            f"error: {dataset_id} is not local (looked in {local}, set by MINARI_DATASETS_PATH) and could not be downloaded "
+        raise ValueError(
+            f"{dataset_id} is not local (looked in {local}, set by MINARI_DATASETS_PATH) and could not be downloaded "
             f"({type(error).__name__}: {error}). On a machine with internet run `minari download {dataset_id}`, copy the "
             "folder into MINARI_DATASETS_PATH here, or check the id with `minari list remote`."
         ) from None
 
 
 def flatten_obs(obs) -> np.ndarray:
-    """Dict observations -> one array, keys in sorted order (AntMaze: achieved_goal, desired_goal, observation)."""
+    """Dict observations -> one array, keys in sorted order, nested dicts likewise (AntMaze: achieved_goal,
+    desired_goal, observation)."""
     if isinstance(obs, dict):
-        return np.concatenate([np.asarray(obs[k]) for k in sorted(obs)], axis=-1)
+        return np.concatenate([flatten_obs(obs[k]) for k in sorted(obs)], axis=-1)
     return np.asarray(obs)
 
 
-def dataset_to_tensors(dataset: minari.MinariDataset, reward_tune: str, device: jax.Device) -> dict[str, jax.Array]:
-    """Flatten the episodes into transition arrays on `device`; done = termination only (a truncation is not terminal)."""
+def minari_transitions(dataset: minari.MinariDataset) -> dict[str, np.ndarray]:
+    """Flatten the episodes into transitions; done = termination only (a truncation is not terminal)."""
     obs, actions, rewards, next_obs, terminals = [], [], [], [], []
     for episode in dataset.iterate_episodes():
         episode_obs = flatten_obs(episode.observations)  # (N + 1, obs_dim)
@@ -247,13 +294,88 @@ def dataset_to_tensors(dataset: minari.MinariDataset, reward_tune: str, device: 
         actions.append(episode.actions)
         rewards.append(episode.rewards)
         terminals.append(episode.terminations)
-    data = {
+    return {
         "obs": np.concatenate(obs),
         "actions": np.concatenate(actions),
-        "rewards": np.concatenate(rewards)[:, None],
+        "rewards": np.concatenate(rewards),
         "next_obs": np.concatenate(next_obs),
-        "terminals": np.concatenate(terminals)[:, None],
+        "terminals": np.concatenate(terminals),
     }
+
+
+def d4rl_transitions(path: str) -> dict[str, np.ndarray]:
+    """An original D4RL hdf5 file, read with h5py (no d4rl, no mujoco-py). Without `next_observations`, the next
+    observation is the next row, and rows marked `timeouts` (and the file's last) are dropped: their successor is
+    the next episode's start. Done = `terminals` only."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--dataset-path {path}: no such file")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [key for key in keys if key not in f]
+            if missing:
+                raise ValueError(f"--dataset-path {path}: no {', '.join(missing)} in the file; a D4RL file holds {', '.join(keys)}")
+            raw = {key: f[key][()] for key in (*keys, "next_observations") if key in f}
+    except OSError as error:  # not hdf5, truncated, unreadable
+        raise ValueError(f"--dataset-path {path}: not a readable hdf5 file ({error}); download it again") from None
+    lengths = {key: len(value) for key, value in raw.items()}
+    if len(set(lengths.values())) != 1 or raw["observations"].ndim != 2 or raw["actions"].ndim != 2:
+        shapes = ", ".join(f"{key} {value.shape}" for key, value in raw.items())
+        raise ValueError(f"--dataset-path {path}: inconsistent arrays ({shapes}); expected (N, obs_dim), (N, action_dim) and (N,)")
+    if "next_observations" in raw:
+        keep, next_obs = np.ones(len(raw["observations"]), dtype=bool), raw["next_observations"]
+    else:
+        keep, next_obs = ~raw["timeouts"].astype(bool), np.roll(raw["observations"], -1, axis=0)
+        keep[-1] = False
+    transitions = dict(
+        obs=raw["observations"], actions=raw["actions"], rewards=raw["rewards"], next_obs=next_obs, terminals=raw["terminals"]
+    )
+    return {key: value[keep] for key, value in transitions.items()}
+
+
+def load_task(args: Args, dataset_id: str) -> tuple[dict[str, np.ndarray], Callable[[], gym.Env], gym.spaces.Box, tuple[float, float]]:
+    """Transitions, the evaluation env's constructor, its action space and the (min, max) reference returns.
+    Every problem a user can fix raises ValueError with the fix."""
+    domain = task_name(args.env_id).split("-")[0]
+    if args.dataset_path:
+        if domain not in D4RL_FILE_ENVS:
+            raise ValueError(
+                f"--dataset-path takes {', '.join(D4RL_FILE_ENVS)} files (--env-id hopper-medium-replay-v2, ...), not {domain!r}"
+            )
+        print(f"warning: {args.dataset_path} holds D4RL's data; evaluation runs on Gymnasium's {D4RL_FILE_ENVS[domain]}, not D4RL's env")
+        transitions, ref_scores = d4rl_transitions(args.dataset_path), D4RL_REF_SCORES[domain]
+        make_env = partial(gym.make, D4RL_FILE_ENVS[domain])
+    else:
+        if domain == "kitchen":
+            import mujoco
+
+            if tuple(int(part) for part in mujoco.__version__.split(".")[:2]) >= KITCHEN_MUJOCO:
+                raise ValueError(
+                    f"FrankaKitchen-v1 fails on mujoco >= 3.12 (installed: {mujoco.__version__}): "
+                    "pip install -e '.[kitchen]' (gymnasium-robotics and mujoco<3.12)"
+                )
+        dataset = load_dataset(dataset_id)
+        transitions, ref_scores = minari_transitions(dataset), reference_scores(dataset, dataset_id, domain)
+        # AntMaze: an episode ends at the goal, so the normalized score is D4RL's success rate
+        make_env = partial(dataset.recover_environment, eval_env=True, **({"continuing_task": False} if domain == "antmaze" else {}))
+    try:
+        env = make_env()
+    except ImportError as error:
+        raise ValueError(f"{args.env_id}: its env needs the module {error.name!r}: pip install -e '.[robotics]'") from None
+    obs_dim, action_space = flatten_obs(env.reset(seed=args.seed)[0]).shape[-1], env.action_space
+    env.close()
+    data_dims = (transitions["obs"].shape[1], transitions["actions"].shape[1])
+    if data_dims != (obs_dim, action_space.shape[0]):
+        raise ValueError(
+            f"{args.dataset_path or dataset_id}: observations and actions of size {data_dims} do not match "
+            f"the env {env.spec.id}'s {(obs_dim, action_space.shape[0])}; check --env-id"
+        )
+    return transitions, make_env, action_space, ref_scores
+
+
+def dataset_to_tensors(transitions: dict[str, np.ndarray], reward_tune: str, device: jax.Device) -> dict[str, jax.Array]:
+    """Reward shaping per task, then float32 arrays on `device`: rewards and terminals as (N, 1)."""
+    data = transitions | {"rewards": transitions["rewards"][:, None], "terminals": transitions["terminals"][:, None]}
     if reward_tune == "cql":
         data["rewards"] = (data["rewards"] - 0.5) * 4.0
     elif reward_tune == "normalize":
@@ -263,9 +385,8 @@ def dataset_to_tensors(dataset: minari.MinariDataset, reward_tune: str, device: 
     return {k: jax.device_put(np.asarray(v, dtype=np.float32), device) for k, v in data.items()}
 
 
-def reference_scores(dataset: minari.MinariDataset, dataset_id: str) -> tuple[float, float]:
+def reference_scores(dataset: minari.MinariDataset, dataset_id: str, domain: str) -> tuple[float, float]:
     """D4RL's (min, max) return for the domain, else the dataset's own reference scores."""
-    domain = task_name(dataset_id).split("-")[0]
     if domain in D4RL_REF_SCORES:
         return D4RL_REF_SCORES[domain]
     metadata = dataset.storage.metadata
@@ -436,21 +557,47 @@ def decision_frequency(policy, obs: jax.Array, warmup: int = 10, repeats: int = 
     return repeats / (time.perf_counter() - start)
 
 
-def write_json(path: str, content: dict):
-    """Write atomically (temporary file, then rename): an interrupted run never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=2)
+def format_losses(losses: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in losses.items()) or "none yet"
+
+
+def save_atomically(path: str, content: dict):
+    """Write to a temporary file, then rename: an interrupted run never leaves half a file. JSON or msgpack."""
+    if path.endswith(".json"):
+        with open(path + ".tmp", "w") as f:
+            json.dump(content, f, indent=2)
+    else:
+        with open(path + ".tmp", "wb") as f:
+            f.write(flax.serialization.msgpack_serialize(jax.device_get(content)))
     os.replace(path + ".tmp", path)
+
+
+def load_msgpack(path: str) -> dict:
+    """A file that save_atomically wrote (model.msgpack, checkpoint.msgpack): nested dicts of numpy arrays and plain values."""
+    with open(path, "rb") as f:
+        return flax.serialization.msgpack_restore(f.read())
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    saved = None  # a checkpoint to resume, or a model to evaluate
+    if args.resume:  # the run's own arguments, except where and how to run
+        checkpoint_path = os.path.join(args.resume, "checkpoint.msgpack")
+        if not os.path.isfile(checkpoint_path):
+            raise SystemExit(
+                f"error: --resume {args.resume}: no checkpoint.msgpack there (written on SIGINT/SIGTERM and every --checkpoint-freq updates)"
+            )
+        saved = load_msgpack(checkpoint_path)
+        args = Args(**saved["args"] | {k: getattr(args, k) for k in ("resume", "cuda", "threads", "track")})
+    if args.eval_only and (args.checkpoint is None or not os.path.isfile(args.checkpoint)):  # before a run folder is made
+        raise SystemExit(f"error: --eval-only needs --checkpoint PATH (a model.msgpack written by --save-model); got {args.checkpoint}")
     try:
-        dataset_id = resolve_dataset_id(args.env_id)
+        dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    args = task_defaults(args, dataset_id)
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    args = task_defaults(args)
+    run_dir = args.resume or f"runs/{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = os.path.basename(os.path.normpath(run_dir))
 
     # TRY NOT TO MODIFY: seeding (the backend is chosen first: the first JAX computation starts it)
     if args.threads == 1:  # read when the CPU backend starts
@@ -464,22 +611,21 @@ if __name__ == "__main__":
     key = jax.random.PRNGKey(args.seed)
     key, actor_key, critic_key, eval_key = jax.random.split(key, 4)
 
-    # data setup: transitions on the device, the env the dataset was recorded on for evaluation
-    dataset = load_dataset(dataset_id)
-    data = dataset_to_tensors(dataset, args.reward_tune, device)
+    # data setup: transitions on the device, the env the data was recorded on for evaluation
+    try:
+        transitions, make_env, action_space, (ref_min, ref_max) = load_task(args, dataset_id)
+        data = dataset_to_tensors(transitions, args.reward_tune, device)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     num_transitions = data["obs"].shape[0]
-    ref_min, ref_max = reference_scores(dataset, dataset_id)
-
-    def make_env() -> gym.Env:
-        return dataset.recover_environment(eval_env=True)
-
-    action_space = dataset.action_space
     obs_dim, action_dim = data["obs"].shape[1], data["actions"].shape[1]
     print(f"{dataset_id}: {num_transitions:,} transitions, obs_dim {obs_dim}, action_dim {action_dim}, device {device.platform}")
 
+    wandb_id = saved["wandb_id"] if saved else None
     if args.track:
         import wandb
 
+        wandb_id = wandb_id or wandb.util.generate_id()
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
@@ -487,9 +633,12 @@ if __name__ == "__main__":
             config=vars(args),
             name=run_name,
             save_code=True,
+            id=wandb_id,
+            resume="allow",
         )
     # logging: only now that the data loaded, so that a failed start leaves no run folder behind
-    writer = SummaryWriter(f"runs/{run_name}")
+    start_step = saved["step"] if saved else 0
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if saved else None)  # drop what was logged after the checkpoint
     table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
@@ -508,16 +657,24 @@ if __name__ == "__main__":
         apply_fn=critic.apply, params=critic_params, target_params=jax.tree.map(jnp.copy, critic_params), tx=optimizer(args.critic_lr)
     )
 
+    def networks() -> dict:
+        return {"actor": actor_state.params, "critic": critic_state.params, "critic_target": critic_state.target_params}
+
+    def optimizers() -> dict:
+        return {"actor_optimizer": actor_state.opt_state, "critic_optimizer": critic_state.opt_state}
+
     @jax.jit
     def policy_step(actor_params, critic_target_params, obs: jax.Array, call: int) -> jax.Array:
         return select_actions(
             actor, critic, actor_params, critic_target_params, obs, jax.random.fold_in(eval_key, call), args.num_candidates
         )
 
-    policy_calls = itertools.count()  # folded into eval_key: a fresh key per call, no host-side split
+    policy_calls = 0  # folded into eval_key: a fresh key per call, no host-side split (checkpointed)
 
     def policy(obs) -> jax.Array:
-        return policy_step(actor_state.params, critic_state.target_params, obs, next(policy_calls))
+        global policy_calls
+        policy_calls += 1
+        return policy_step(actor_state.params, critic_state.target_params, obs, policy_calls - 1)
 
     def normalized(returns: np.ndarray) -> np.ndarray:
         return 100 * (returns - ref_min) / (ref_max - ref_min)
@@ -566,26 +723,36 @@ if __name__ == "__main__":
         return actor_state, critic_state, losses
 
     # several updates per host call: a lax.scan (as fast as a Python-unrolled loop, far quicker to compile)
-    def update_many(actor_state: TrainState, critic_state: CriticTrainState, key: jax.Array, data: dict[str, jax.Array]):
+    def update_many(actor_state: TrainState, critic_state: CriticTrainState, key: jax.Array, first_nonfinite, data: dict[str, jax.Array]):
         def body(carry, step_key):
-            actor_state, critic_state, losses = update(*carry, data, step_key)
-            return (actor_state, critic_state), losses
+            actor_state, critic_state, first_nonfinite = carry
+            actor_state, critic_state, losses = update(actor_state, critic_state, data, step_key)
+            finite = jnp.isfinite(jnp.stack(list(losses.values()))).all()
+            first_nonfinite = jnp.where(finite | (first_nonfinite > 0), first_nonfinite, actor_state.step)  # step: this update's number
+            return (actor_state, critic_state, first_nonfinite), losses
 
         key, *step_keys = jax.random.split(key, updates_per_call + 1)
-        (actor_state, critic_state), losses = jax.lax.scan(body, (actor_state, critic_state), jnp.stack(step_keys))
-        return actor_state, critic_state, key, jax.tree.map(lambda x: x[-1], losses)  # the losses of the last update
+        (actor_state, critic_state, first_nonfinite), losses = jax.lax.scan(
+            body, (actor_state, critic_state, first_nonfinite), jnp.stack(step_keys)
+        )
+        return actor_state, critic_state, key, first_nonfinite, jax.tree.map(lambda x: x[-1], losses)  # the losses of the last update
 
     if args.eval_only:
-        if args.checkpoint is None:
-            raise SystemExit("--eval-only needs --checkpoint PATH (a model.msgpack written by --save-model)")
-        with open(args.checkpoint, "rb") as f:
-            template = {"actor": actor_state.params, "critic": critic_state.params, "critic_target": critic_state.target_params}
-            checkpoint = flax.serialization.from_bytes(template, f.read())
-        actor_state = actor_state.replace(params=checkpoint["actor"])
-        critic_state = critic_state.replace(params=checkpoint["critic"], target_params=checkpoint["critic_target"])
+        saved = load_msgpack(args.checkpoint)
         args.total_steps = 0
+    if saved:  # the networks; when resuming also the optimizers, the PRNG key and the count of policy calls
+        params = {name: jax.device_put(flax.serialization.from_state_dict(value, saved[name])) for name, value in networks().items()}
+        actor_state = actor_state.replace(params=params["actor"])
+        critic_state = critic_state.replace(params=params["critic"], target_params=params["critic_target"])
+    if args.resume:
+        opt_states = {name: jax.device_put(flax.serialization.from_state_dict(value, saved[name])) for name, value in optimizers().items()}
+        actor_state = actor_state.replace(step=start_step, opt_state=opt_states["actor_optimizer"])
+        critic_state = critic_state.replace(step=start_step, opt_state=opt_states["critic_optimizer"])
+        key, policy_calls = jax.device_put(saved["key"]), saved["policy_calls"]
+        print(f"resuming {run_dir} from update {start_step}")
 
-    evaluations = []  # (update, normalized score)
+    evaluations = saved["evaluations"] if args.resume else []  # (update, normalized score)
+    train_seconds = saved["train_seconds"] if args.resume else 0.0
 
     def evaluate_and_log(step: int, num_episodes: int) -> np.ndarray:
         scores = normalized(evaluate(policy, make_env, num_episodes, args.max_eval_envs, args.seed + step))
@@ -594,28 +761,99 @@ if __name__ == "__main__":
         print(f"update {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f} over {len(scores)} episodes")
         return scores
 
+    def write_summary(step: int, **results) -> dict:
+        updates_per_second = step / train_seconds if train_seconds > 0 else 0.0
+        summary = {
+            "algorithm": args.exp_name,
+            "env_id": args.env_id,
+            "dataset_id": dataset_id,
+            "seed": args.seed,
+            "total_steps": step,
+            **results,
+            "best_normalized_score": max((score for _, score in evaluations), default=None),
+            "train_seconds": train_seconds,
+            "compile_seconds": compile_seconds,
+            "updates_per_second": updates_per_second,
+            "hours_per_million_updates": 1e6 / updates_per_second / 3600 if updates_per_second > 0 else None,
+            "device": device.platform,
+            "threads": args.threads,
+            "updates_per_call": updates_per_call,
+            "resumed_from_step": start_step if args.resume else None,
+            "evaluations": evaluations,
+            "args": asdict(args),
+        }
+        save_atomically(f"{run_dir}/summary.json", summary)
+        return summary
+
+    def save_checkpoint(step: int):
+        state = {name: flax.serialization.to_state_dict(value) for name, value in (networks() | optimizers()).items()}
+        rng = {"key": key, "policy_calls": policy_calls}
+        progress = {
+            "step": step,
+            "train_seconds": train_seconds,
+            "evaluations": [list(evaluation) for evaluation in evaluations],  # msgpack takes lists, not tuples
+            "wandb_id": wandb_id,
+            "args": asdict(args),
+        }
+        save_atomically(f"{run_dir}/checkpoint.msgpack", state | rng | progress)
+
     # compile the training call ahead of the loop, timed apart from training
-    updates_per_call = np.gcd.reduce([args.updates_per_call, args.log_freq, args.eval_freq, max(args.total_steps, 1)]).item()
+    updates_per_call = np.gcd.reduce(
+        [args.updates_per_call, args.log_freq, args.eval_freq, args.checkpoint_freq, max(args.total_steps, 1)]
+    ).item()
     if updates_per_call != args.updates_per_call:
-        print(f"--updates-per-call {args.updates_per_call} lowered to {updates_per_call} to divide log-freq, eval-freq and total-steps")
+        print(
+            f"--updates-per-call {args.updates_per_call} lowered to {updates_per_call} "
+            "to divide log-freq, eval-freq, checkpoint-freq and total-steps"
+        )
+    first_nonfinite = jnp.zeros((), dtype=jnp.int32)  # first update with a non-finite loss (0: none yet)
     compile_seconds = 0.0
-    if args.total_steps > 0:
+    if args.total_steps > start_step:
         start_time = time.perf_counter()
-        train_call = jax.jit(update_many, donate_argnums=(0, 1, 2)).lower(actor_state, critic_state, key, data).compile()
+        train_call = (
+            jax.jit(update_many, donate_argnums=(0, 1, 2, 3)).lower(actor_state, critic_state, key, first_nonfinite, data).compile()
+        )
         compile_seconds = time.perf_counter() - start_time
         print(f"compiled {updates_per_call} updates per call in {compile_seconds:.1f} s")
 
-    # TRY NOT TO MODIFY: the training loop
-    train_seconds, start_time = 0.0, time.perf_counter()
-    for step in range(updates_per_call, args.total_steps + 1, updates_per_call):
-        actor_state, critic_state, key, losses = train_call(actor_state, critic_state, key, data)
+    # SIGINT (Ctrl-C) or SIGTERM: finish the current call of updates, checkpoint, write the summary so far, exit
+    stop_signals = []
 
-        if step % args.log_freq == 0 or step == args.total_steps:
-            losses = {k: v.item() for k, v in jax.device_get(losses).items()}  # the only host synchronisation
-            if not all(np.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"non-finite loss at update {step}: {losses}")
+    def request_stop(signum, frame):
+        if stop_signals:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        stop_signals.append(signum)
+        print(f"{signal.Signals(signum).name}: checkpointing after the updates dispatched so far (again to stop at once)", flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    # TRY NOT TO MODIFY: the training loop
+    last_finite = (start_step, {})  # the last losses read on the host, all finite
+    start_time = time.perf_counter()
+    for step in range(start_step + updates_per_call, args.total_steps + 1, updates_per_call):
+        actor_state, critic_state, key, first_nonfinite, losses = train_call(actor_state, critic_state, key, first_nonfinite, data)
+
+        if step % args.eval_freq == 0 and step < args.total_steps:
+            jax.block_until_ready(actor_state)
+            train_seconds += time.perf_counter() - start_time
+            evaluate_and_log(step, args.eval_episodes)
+            start_time = time.perf_counter()
+
+        checkpoint_now = bool(stop_signals) or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+        if step % args.log_freq == 0 or step == args.total_steps or checkpoint_now:
+            losses = jax.device_get(losses)  # the only host synchronisation; jit returns dicts sorted by key: update's order back
+            losses = {k: losses[k].item() for k in ("critic_loss", "bc_loss", "q_loss", "actor_loss", "q_mean")}
             train_seconds += time.perf_counter() - start_time
             start_time = time.perf_counter()
+            if first_nonfinite.item() > 0:  # stop before anything is saved: the last checkpoint stays intact
+                writer.close()
+                raise SystemExit(
+                    f"error: non-finite loss at update {first_nonfinite.item()} (at update {step}: {format_losses(losses)}); the last "
+                    f"finite losses, at update {last_finite[0]}: {format_losses(last_finite[1])}. Nothing was saved after them. "
+                    "Lower --lr or --critic-lr, or clip gradients with --grad-norm."
+                )
+            last_finite = (step, losses)
             for k, v in losses.items():
                 writer.add_scalar(f"losses/{k}", v, step)
             updates_per_second = step / train_seconds
@@ -625,54 +863,36 @@ if __name__ == "__main__":
                 f"update {step}/{args.total_steps} | {updates_per_second:.1f} updates/s | ETA {eta_minutes:.1f} min | "
                 f"critic {losses['critic_loss']:.3f} | bc {losses['bc_loss']:.3f} | q {losses['q_loss']:.3f}"
             )
+            if checkpoint_now or stop_signals:  # after this step's evaluation, which draws policy keys; a signal may come
+                save_checkpoint(step)  # while the host waits for the losses above, after checkpoint_now was decided
+            if stop_signals:
+                write_summary(step, interrupted_at_step=step)
+                writer.close()
+                print(f"stopped at update {step}; continue with: python {sys.argv[0]} --resume {run_dir}")
+                sys.exit(128 + stop_signals[0])
 
-        if step % args.eval_freq == 0 and step < args.total_steps:
-            jax.block_until_ready(actor_state)
-            train_seconds += time.perf_counter() - start_time
-            evaluate_and_log(step, args.eval_episodes)
-            start_time = time.perf_counter()
+    if args.save_model:
+        save_atomically(f"{run_dir}/model.msgpack", networks() | {"args": asdict(args)})
+        print(f"model saved to {run_dir}/model.msgpack")
 
     # final evaluation, decision frequency and summary
     scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)
     decision_hz = decision_frequency(policy, data["obs"])
     returns = scores / 100 * (ref_max - ref_min) + ref_min
-    updates_per_second = args.total_steps / train_seconds if train_seconds > 0 else 0.0
-    summary = {
-        "algorithm": args.exp_name,
-        "env_id": args.env_id,
-        "dataset_id": dataset_id,
-        "seed": args.seed,
-        "total_steps": args.total_steps,
-        "normalized_score": float(scores.mean()),
-        "normalized_score_std": float(scores.std()),
-        "best_normalized_score": max(score for _, score in evaluations),
-        "return_mean": float(returns.mean()),
-        "eval_episodes": len(scores),
-        "num_candidates": args.num_candidates,
-        "train_seconds": train_seconds,
-        "compile_seconds": compile_seconds,
-        "updates_per_second": updates_per_second,
-        "hours_per_million_updates": 1e6 / updates_per_second / 3600 if updates_per_second > 0 else None,
-        "decision_hz": decision_hz,
-        "device": device.platform,
-        "threads": args.threads,
-        "updates_per_call": updates_per_call,
-        "evaluations": evaluations,
-        "args": asdict(args),
-    }
-    write_json(f"runs/{run_name}/summary.json", summary)
+    summary = write_summary(
+        args.total_steps,
+        normalized_score=float(scores.mean()),
+        normalized_score_std=float(scores.std()),
+        return_mean=float(returns.mean()),
+        eval_episodes=len(scores),
+        num_candidates=args.num_candidates,
+        decision_hz=decision_hz,
+    )
     writer.add_scalar("charts/decision_hz", decision_hz, args.total_steps)
-    if args.save_model:
-        model_path = f"runs/{run_name}/model.msgpack"
-        params = {"actor": actor_state.params, "critic": critic_state.params, "critic_target": critic_state.target_params}
-        with open(model_path + ".tmp", "wb") as f:
-            f.write(flax.serialization.to_bytes(params))
-        os.replace(model_path + ".tmp", model_path)
-        print(f"model saved to {model_path}")
     print(
         f"{dataset_id}: normalized score {summary['normalized_score']:.1f} +- {summary['normalized_score_std']:.1f} "
-        f"(best {summary['best_normalized_score']:.1f}) | training {train_seconds:.0f} s, {updates_per_second:.1f} updates/s, "
-        f"compile {compile_seconds:.1f} s | {decision_hz:.1f} decisions/s | runs/{run_name}/summary.json"
+        f"(best {summary['best_normalized_score']:.1f}) | training {train_seconds:.0f} s, {summary['updates_per_second']:.1f} updates/s, "
+        f"compile {compile_seconds:.1f} s | {decision_hz:.1f} decisions/s | {run_dir}/summary.json"
     )
     writer.close()
     if args.track:

@@ -1,9 +1,11 @@
 """Tests of ofql_jax.py: the same tables as ofql.py, the JVP target, agreement with ofql.py's torch code, an end-to-end run."""
 
 import json
+import signal
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -35,19 +37,42 @@ def torch_to_flax(named_tensors) -> dict:
 def test_tables_and_names_are_ofqls():
     assert ofql_jax.TASKS == ofql.TASKS and ofql_jax.DOMAIN_DEFAULTS == ofql.DOMAIN_DEFAULTS
     assert ofql_jax.D4RL_TO_MINARI == ofql.D4RL_TO_MINARI and ofql_jax.D4RL_REF_SCORES == ofql.D4RL_REF_SCORES
+    assert ofql_jax.COMBINED_DATASETS == ofql.COMBINED_DATASETS and ofql_jax.D4RL_FILE_ENVS == ofql.D4RL_FILE_ENVS
     assert ofql_jax.resolve_dataset_id("hopper-medium-v2") == "mujoco/hopper/medium-v0"
     with pytest.raises(ValueError, match="Did you mean: hopper-medium"):
         ofql_jax.resolve_dataset_id("hoper-medium-v2")
-    args = ofql_jax.task_defaults(ofql_jax.Args(eta=0.3, max_q_backup=True), "D4RL/antmaze/medium-play-v1")
+    with pytest.raises(ValueError, match="--dataset-path hopper_medium_replay-v2.hdf5"):
+        ofql_jax.resolve_dataset_id("hopper-medium-replay-v2")
+    assert ofql_jax.resolve_dataset_id("walker2d-medium-expert-v2") == "mujoco/walker2d/medium-expert-v0"
+    args = ofql_jax.task_defaults(ofql_jax.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))
     assert (args.eta, args.max_q_backup, args.lr, args.reward_tune, args.total_steps) == (0.3, True, 1e-3, "cql", 1_000_000)
 
 
 def test_dataset_arrays_equal_ofqls(minari_path):
     dataset = ofql_jax.load_dataset(HOPPER_DATASET_ID)
-    data = ofql_jax.dataset_to_tensors(dataset, "cql", jax.devices("cpu")[0])
-    expected = ofql.dataset_to_tensors(dataset, "cql", torch.device("cpu"))
+    data = ofql_jax.dataset_to_tensors(ofql_jax.minari_transitions(dataset), "cql", jax.devices("cpu")[0])
+    expected = ofql.dataset_to_tensors(ofql.minari_transitions(dataset), "cql", torch.device("cpu"))
     for key, value in expected.items():
         np.testing.assert_array_equal(np.asarray(data[key]), value.numpy(), err_msg=key)
+
+
+def test_d4rl_file_and_nested_observations_read_as_ofqls(tmp_path):
+    rng = np.random.default_rng(0)
+    timeouts, terminals = np.zeros(20, dtype=bool), np.zeros(20, dtype=bool)
+    timeouts[9], terminals[15] = True, True
+    path = str(tmp_path / "hopper_medium_replay-v2.hdf5")
+    with h5py.File(path, "w") as f:
+        arrays = dict(observations=rng.standard_normal((20, 11)), actions=rng.uniform(-1, 1, (20, 3)), rewards=rng.standard_normal(20))
+        for name, value in (arrays | dict(terminals=terminals, timeouts=timeouts)).items():
+            f.create_dataset(name, data=value)
+    transitions, expected = ofql_jax.d4rl_transitions(path), ofql.d4rl_transitions(path)
+    assert transitions.keys() == expected.keys() and len(transitions["obs"]) == 18  # the timeout row and the last are dropped
+    for key, value in expected.items():
+        np.testing.assert_array_equal(transitions[key], value, err_msg=key)
+    with pytest.raises(ValueError, match="no such file"):
+        ofql_jax.d4rl_transitions(str(tmp_path / "missing.hdf5"))
+    nested = {"b": {"y": np.ones((2, 1)), "x": np.zeros((2, 2))}, "a": np.full((2, 1), 2.0)}
+    np.testing.assert_array_equal(ofql_jax.flatten_obs(nested), [[2.0, 0, 0, 1], [2.0, 0, 0, 1]])
 
 
 def test_mean_flow_target_matches_finite_differences():
@@ -131,17 +156,33 @@ SUMMARY_KEYS = (
 ).split()
 
 
+COMMAND = [sys.executable, "-u", str(ROOT / "ofql_jax.py"), "--env-id", HOPPER_DATASET_ID, "--no-cuda", "--threads", "1"]
+FLAGS = "--total-steps 300 --eval-freq 150 --eval-episodes 2 --final-eval-episodes 2 --log-freq 100 --updates-per-call 50".split()
+
+
 def run_ofql_jax(tmp_path, *flags: str) -> dict:
-    command = [sys.executable, str(ROOT / "ofql_jax.py"), "--env-id", HOPPER_DATASET_ID, "--no-cuda", "--threads", "1", *flags]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([*COMMAND, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (summary_path,) = sorted(tmp_path.glob("runs/*/summary.json"), key=lambda p: p.stat().st_mtime)[-1:]
     return json.loads(summary_path.read_text()) | {"stdout": run.stdout, "run_dir": summary_path.parent}
 
 
-def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
-    flags = "--total-steps 300 --eval-freq 150 --eval-episodes 2 --final-eval-episodes 2 --log-freq 100 --updates-per-call 50 --save-model"
-    summary = run_ofql_jax(tmp_path, *flags.split())
+def logged_scalars(run_dir) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: {event.step: event.value for event in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def full_run(minari_path, tmp_path_factory) -> dict:
+    """300 updates uninterrupted, checkpointing every 100, the networks saved."""
+    return run_ofql_jax(tmp_path_factory.mktemp("full"), *FLAGS, "--checkpoint-freq", "100", "--save-model")
+
+
+def test_end_to_end_run_writes_summary_and_model(full_run, tmp_path):
+    summary = full_run
     for key in SUMMARY_KEYS:
         assert key in summary, key
     assert summary["algorithm"] == "ofql_jax" and summary["dataset_id"] == HOPPER_DATASET_ID and summary["total_steps"] == 300
@@ -156,6 +197,7 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
     assert summary["hours_per_million_updates"] == pytest.approx(1e6 / summary["updates_per_second"] / 3600)
     assert "update 300/300" in summary["stdout"] and "updates/s" in summary["stdout"]
     assert list(summary["run_dir"].glob("events.out.tfevents.*"))  # tensorboard log
+    assert (summary["run_dir"] / "checkpoint.msgpack").is_file() and summary["resumed_from_step"] is None
 
     # the saved networks evaluate alone, with plain one-step sampling
     evaluation = run_ofql_jax(
@@ -171,3 +213,46 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
     assert evaluation["total_steps"] == 0 and evaluation["eval_episodes"] == 3 and evaluation["num_candidates"] == 1
     assert evaluation["compile_seconds"] == 0
     assert np.isfinite(evaluation["normalized_score"]) and evaluation["decision_hz"] > 0
+
+
+def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
+    run = subprocess.Popen(
+        [*COMMAND, *FLAGS, "--checkpoint-freq", "100"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output = []
+    for line in run.stdout:  # stop it once training is under way: at the next call boundary the host sees (200 at the latest)
+        output.append(line)
+        if line.startswith("update 100/300"):
+            run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=600) == 128 + signal.SIGTERM, "".join(output)[-3000:]
+    (run_dir,) = tmp_path.glob("runs/*")
+    interrupted = json.loads((run_dir / "summary.json").read_text())
+    stopped = interrupted["interrupted_at_step"]
+    assert 100 <= stopped < 300 and f"--resume {run_dir.relative_to(tmp_path)}" in "".join(output)
+    assert (run_dir / "checkpoint.msgpack").is_file() and not list(run_dir.glob("*.tmp"))
+
+    resumed = run_ofql_jax(tmp_path, "--resume", str(run_dir.relative_to(tmp_path)))
+    assert resumed["resumed_from_step"] == stopped and resumed["total_steps"] == 300 and resumed["run_dir"] == run_dir
+    assert f"resuming {run_dir.relative_to(tmp_path)} from update {stopped}" in resumed["stdout"]
+    # the same PRNG stream: the same losses, bit for bit, and the same evaluations
+    assert resumed["evaluations"] == full_run["evaluations"] and resumed["normalized_score"] == full_run["normalized_score"]
+    expected, got = logged_scalars(full_run["run_dir"]), logged_scalars(run_dir)
+    for tag in [tag for tag in expected if tag.startswith("losses/")] + ["charts/normalized_score"]:
+        assert {step: got[tag][step] for step in expected[tag]} == expected[tag], tag
+
+    # --eval-only takes a checkpoint as well as a model
+    evaluation = run_ofql_jax(tmp_path, "--eval-only", "--checkpoint", str(run_dir / "checkpoint.msgpack"), "--final-eval-episodes", "2")
+    assert evaluation["total_steps"] == 0 and np.isfinite(evaluation["normalized_score"])
+
+
+def test_non_finite_loss_stops_with_the_update_and_keeps_the_last_checkpoint(minari_path, tmp_path):
+    """An actor learning rate of 1e30: the second update's losses are not finite; checkpoints every update (1 per call)."""
+    flags = ["--total-steps", "50", "--log-freq", "10", "--checkpoint-freq", "1", "--lr", "1e30"]
+    run = subprocess.run([*COMMAND, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "error: non-finite loss at update 2" in run.stderr and "the last finite losses, at update 1: critic_loss" in run.stderr
+    assert not list(tmp_path.glob("runs/*/summary.json"))
+    (checkpoint,) = tmp_path.glob("runs/*/checkpoint.msgpack")
+    saved = ofql_jax.load_msgpack(str(checkpoint))
+    assert saved["step"] == 1 and saved["args"]["lr"] == 1e30
+    assert all(np.isfinite(leaf).all() for name in ("actor", "critic", "actor_optimizer") for leaf in jax.tree.leaves(saved[name]))
