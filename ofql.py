@@ -717,7 +717,8 @@ if __name__ == "__main__":
             evaluate_and_log(step, args.eval_episodes)
             start_time = time.perf_counter()
 
-        checkpoint_now = bool(stop_signals) or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+        stopping = bool(stop_signals)  # read once: a signal that comes later in this block is handled after the next update
+        checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
         if step % args.log_freq == 0 or step == args.total_steps or checkpoint_now:
             losses = {k: v.item() for k, v in losses.items()}  # the only host synchronisation
             train_seconds += time.perf_counter() - start_time
@@ -741,7 +742,7 @@ if __name__ == "__main__":
             )
             if checkpoint_now:  # after this update's evaluation, which draws from the same RNG
                 save_checkpoint(step)
-            if stop_signals:
+            if stopping:
                 write_summary(step, interrupted_at_step=step)
                 writer.close()
                 print(f"stopped at update {step}; continue with: python {sys.argv[0]} --resume {run_dir}")
