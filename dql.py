@@ -562,6 +562,10 @@ if __name__ == "__main__":
             )
         saved = torch.load(checkpoint_path, map_location="cpu")
         args = Args(**saved["args"] | {k: getattr(args, k) for k in ("resume", "cuda", "threads", "track", "compile")})
+    if args.eval_only and not (args.checkpoint and os.path.isfile(args.checkpoint)):
+        raise SystemExit(
+            f"error: --eval-only needs --checkpoint PATH, a model.pt written by --save-model (or a checkpoint.pt); got {args.checkpoint}"
+        )
     try:
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
     except ValueError as error:
@@ -678,8 +682,6 @@ if __name__ == "__main__":
         update, policy = torch.compile(update), torch.compile(policy)
 
     if args.eval_only:
-        if args.checkpoint is None:
-            raise SystemExit("error: --eval-only needs --checkpoint PATH (a model.pt written by --save-model)")
         saved = torch.load(args.checkpoint, map_location=device)
         args.total_steps = 0
     if saved:  # the networks; when resuming also the optimizers and the RNG

@@ -589,8 +589,10 @@ if __name__ == "__main__":
             )
         saved = load_msgpack(checkpoint_path)
         args = Args(**saved["args"] | {k: getattr(args, k) for k in ("resume", "cuda", "threads", "track")})
-    if args.eval_only and (args.checkpoint is None or not os.path.isfile(args.checkpoint)):  # before a run folder is made
-        raise SystemExit(f"error: --eval-only needs --checkpoint PATH (a model.msgpack written by --save-model); got {args.checkpoint}")
+    if args.eval_only and not (args.checkpoint and os.path.isfile(args.checkpoint)):
+        raise SystemExit(
+            f"error: --eval-only needs --checkpoint PATH, a model.msgpack written by --save-model (or a checkpoint.msgpack); got {args.checkpoint}"
+        )
     try:
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
     except ValueError as error:

@@ -142,6 +142,7 @@ def bad_inputs(tmp_path, d4rl_file) -> dict[str, tuple[list[str], str]]:
             "do not match the env Walker2d-v5",
         ),
         "resume without a checkpoint": (["--resume", str(tmp_path / "runs" / "nothing")], "no checkpoint"),
+        "eval-only without a model": (["--eval-only", "--checkpoint", "missing.pt"], "--eval-only needs --checkpoint PATH"),
     }
     import mujoco
 
