@@ -377,6 +377,18 @@ def reference_scores(dataset: minari.MinariDataset, dataset_id: str, domain: str
 
 
 # ALGO LOGIC: initialize agent here:
+class Mish(nn.Module):
+    """nn.Mish, x tanh(softplus(x)), from one exp: tanh(softplus(x)) = n / (n + 2) with n = e^x (e^x + 2). The same
+    function up to float rounding, forward and backward about 2x faster on CPU, where torch's tanh and log1p are slow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cpu:
+            return F.mish(x)  # one fused kernel
+        e = torch.exp(x.clamp(max=20.0))  # past 20, n / (n + 2) is 1 in float32
+        n = e * (e + 2)
+        return x * n / (n + 2)
+
+
 class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -389,7 +401,7 @@ class SinusoidalPosEmb(nn.Module):
 
 
 def time_mlp(t_dim: int = 16) -> nn.Sequential:
-    return nn.Sequential(SinusoidalPosEmb(t_dim), nn.Linear(t_dim, t_dim * 2), nn.Mish(), nn.Linear(t_dim * 2, t_dim))
+    return nn.Sequential(SinusoidalPosEmb(t_dim), nn.Linear(t_dim, t_dim * 2), Mish(), nn.Linear(t_dim * 2, t_dim))
 
 
 def vp_schedule(diffusion_steps: int, b_min: float = 0.1, b_max: float = 10.0) -> dict[str, torch.Tensor]:
@@ -428,9 +440,9 @@ class Actor(nn.Module):
         super().__init__()
         self.t_mlp = time_mlp(t_dim)
         self.mid_layer = nn.Sequential(
-            nn.Linear(action_dim + t_dim + obs_dim, hidden_dim), nn.Mish(),
-            nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
-            nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
+            nn.Linear(action_dim + t_dim + obs_dim, hidden_dim), Mish(),
+            nn.Linear(hidden_dim, hidden_dim), Mish(),
+            nn.Linear(hidden_dim, hidden_dim), Mish(),
         )  # fmt: skip
         self.final_layer = nn.Linear(hidden_dim, action_dim)
         self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32))
@@ -451,9 +463,9 @@ class Critic(nn.Module):
 
         def q_net() -> nn.Sequential:
             return nn.Sequential(
-                nn.Linear(obs_dim + action_dim, hidden_dim), nn.Mish(),
-                nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
-                nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
+                nn.Linear(obs_dim + action_dim, hidden_dim), Mish(),
+                nn.Linear(hidden_dim, hidden_dim), Mish(),
+                nn.Linear(hidden_dim, hidden_dim), Mish(),
                 nn.Linear(hidden_dim, 1),
             )  # fmt: skip
 
@@ -623,8 +635,8 @@ if __name__ == "__main__":
     critic = Critic(obs_dim, action_dim).to(device)
     critic_target = Critic(obs_dim, action_dim).to(device)
     critic_target.load_state_dict(critic.state_dict())
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, foreach=True)  # on CPU the default is a loop over tensors
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, foreach=True)
     networks = {"actor": actor, "critic": critic, "critic_target": critic_target}
     networks["actor_target"] = actor_target  # checkpointed, saved and loaded like the others
     optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
@@ -662,7 +674,7 @@ if __name__ == "__main__":
         q_loss = -torch.where(swap, q1.mean() / q2.abs().mean().detach(), q2.mean() / q1.abs().mean().detach())
         actor_loss = bc_loss + args.eta * q_loss
         actor_optimizer.zero_grad()
-        actor_loss.backward()
+        actor_loss.backward(inputs=list(actor.parameters()))  # the critic only passes the Q gradient on: no weight gradients
         if args.grad_norm > 0:
             nn.utils.clip_grad_norm_(actor.parameters(), max_norm=args.grad_norm)
         actor_optimizer.step()
@@ -679,6 +691,9 @@ if __name__ == "__main__":
                 torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), 1 - args.ema_decay)
 
     if args.compile:
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True  # draw from torch's generator as eager mode does: same stream, resumable
         update, policy = torch.compile(update), torch.compile(policy)
 
     if args.eval_only:
@@ -718,6 +733,7 @@ if __name__ == "__main__":
             "train_seconds": train_seconds,
             "updates_per_second": updates_per_second,
             "hours_per_million_updates": 1e6 / updates_per_second / 3600 if updates_per_second > 0 else None,
+            "compile_seconds": compile_seconds,
             "device": str(device),
             "threads": torch.get_num_threads(),
             "resumed_from_step": start_step if args.resume else None,
@@ -746,6 +762,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, request_stop)
 
     # TRY NOT TO MODIFY: the training loop
+    compile_seconds = 0.0
     first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # first update with a non-finite loss (0: none yet)
     last_finite = (start_step, {})  # the last losses read on the host, all finite
     start_time = time.perf_counter()
@@ -755,6 +772,8 @@ if __name__ == "__main__":
         update_actor_target(step)
         finite = torch.stack(list(losses.values())).isfinite().all()
         first_nonfinite = torch.where(finite | (first_nonfinite > 0), first_nonfinite, step)  # on the device: no sync
+        if args.compile and step == start_step + 1:  # the first call compiles: timed apart from training
+            compile_seconds, start_time = time.perf_counter() - start_time, time.perf_counter()
 
         if step % args.eval_freq == 0 and step < args.total_steps:
             train_seconds += time.perf_counter() - start_time

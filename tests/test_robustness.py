@@ -211,3 +211,20 @@ def test_same_seed_same_losses_and_resume_continues_exactly(script, minari_path,
     summary = summary_of(cwd)
     assert summary["resumed_from_step"] == stopped_at and summary["total_steps"] == 120
     assert logged_losses(run_dir) == runs["first"]
+
+
+@pytest.mark.parametrize("script", TORCH_SCRIPTS)
+def test_compile_trains_like_eager(script, minari_path, tmp_path):
+    """--compile (torch.compile of the update and of the policy call) on CPU: the same losses up to float rounding,
+    compilation timed apart from training."""
+    flags = ("--env-id", HOPPER_DATASET_ID, "--total-steps", "20", "--log-freq", "1", *QUICK)
+    losses = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        (tmp_path / name).mkdir()
+        result = run(script, tmp_path / name, *flags, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses[name] = logged_losses(next((tmp_path / name / "runs").iterdir()))
+    for loss, series in losses["eager"].items():
+        np.testing.assert_allclose(list(losses["compiled"][loss].values()), list(series.values()), rtol=1e-3, atol=1e-4, err_msg=loss)
+    summary = summary_of(tmp_path / "compiled")
+    assert summary["compile_seconds"] > 0 and summary["decision_hz"] > 0 and summary_of(tmp_path / "eager")["compile_seconds"] == 0
