@@ -44,6 +44,22 @@ def logged_losses(run_dir) -> dict[str, dict[int, float]]:
     return {name: {e.step: e.value for e in events.Scalars(f"losses/{name}")} for name in LOSSES}
 
 
+def stop_with_sigterm(script: str, cwd, flags: tuple[str, ...], after_update: int) -> tuple:
+    """Start a run in cwd, send SIGTERM once it logged `after_update`; its run folder and output once it exited 128 + 15."""
+    cwd.mkdir()
+    command = [sys.executable, str(ROOT / f"{script}.py"), *flags]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in process.stdout:
+        if line.startswith(f"update {after_update}/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, output[-2000:]
+    (run_dir,) = (cwd / "runs").iterdir()
+    return run_dir, output
+
+
 # Datasets ---------------------------------------------------------------------------------------------------------
 
 
@@ -191,18 +207,7 @@ def test_same_seed_same_losses_and_resume_continues_exactly(script, minari_path,
 
     # interrupted at update ~40 by SIGTERM, then resumed
     cwd = tmp_path / "interrupted"
-    cwd.mkdir()
-    command = [sys.executable, str(ROOT / f"{script}.py"), *flags]
-    process = subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
-    )
-    for line in process.stdout:
-        if line.startswith("update 40/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.stdout.read()
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM, output[-2000:]
-    (run_dir,) = (cwd / "runs").iterdir()
+    run_dir, output = stop_with_sigterm(script, cwd, flags, after_update=40)
     partial = json.loads((run_dir / "summary.json").read_text())
     stopped_at = partial["interrupted_at_step"]
     assert 40 <= stopped_at < 120 and f"--resume {os.path.join('runs', run_dir.name)}" in output
@@ -228,3 +233,22 @@ def test_compile_trains_like_eager(script, minari_path, tmp_path):
         np.testing.assert_allclose(list(losses["compiled"][loss].values()), list(series.values()), rtol=1e-3, atol=1e-4, err_msg=loss)
     summary = summary_of(tmp_path / "compiled")
     assert summary["compile_seconds"] > 0 and summary["decision_hz"] > 0 and summary_of(tmp_path / "eager")["compile_seconds"] == 0
+
+
+@pytest.mark.parametrize("script", ["dql", "fql"])
+def test_resume_restores_the_ema_target_actor(script, minari_path, tmp_path):
+    """The EMA target actor is checkpointed with the other networks: a run stopped by SIGTERM after the EMA updates
+    began, then resumed, ends with the same networks, target actor included, as an uninterrupted one."""
+    flags = "--total-steps 60 --batch-size 64 --log-freq 1 --ema-start 10 --ema-every 3 --save-model"
+    flags = ("--env-id", HOPPER_DATASET_ID, *flags.split(), *QUICK)
+    (tmp_path / "whole").mkdir()
+    assert run(script, tmp_path / "whole", *flags).returncode == 0
+    run_dir, _ = stop_with_sigterm(script, tmp_path / "interrupted", flags, after_update=25)
+    checkpoint = torch.load(run_dir / "checkpoint.pt")
+    assert {"actor_target", "actor_optimizer", "critic_optimizer", "rng"} <= set(checkpoint) and 25 <= checkpoint["step"] < 60
+    assert run(script, tmp_path / "interrupted", "--resume", str(run_dir), "--threads", "1").returncode == 0
+    assert summary_of(tmp_path / "interrupted")["resumed_from_step"] == checkpoint["step"]
+    expected, got = torch.load(next((tmp_path / "whole" / "runs").glob("*/model.pt"))), torch.load(run_dir / "model.pt")
+    assert not torch.equal(got["actor_target"]["final_layer.weight"], checkpoint["actor_target"]["final_layer.weight"])  # EMA went on
+    for name in ("actor", "actor_target", "critic", "critic_target"):
+        assert all(torch.equal(expected[name][k], got[name][k]) for k in expected[name]), name
