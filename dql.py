@@ -377,16 +377,37 @@ def reference_scores(dataset: minari.MinariDataset, dataset_id: str, domain: str
 
 
 # ALGO LOGIC: initialize agent here:
+def mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e^x and n = e^x (e^x + 2), from which tanh(softplus(x)) = n / (n + 2): Mish from one exp."""
+    e = torch.exp(x.clamp(max=20.0))  # past 20, n / (n + 2) is 1 in float32
+    return e, e * (e + 2)
+
+
+def mish_derivative(x: torch.Tensor, e: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """mish'(x) = n / (n + 2) + 4 x e^x (e^x + 1) / (n + 2)^2."""
+    return (n + 4 * x * e * (e + 1) / (n + 2)) / (n + 2)
+
+
+class MishFunction(torch.autograd.Function):
+    """Mish with its closed-form backward: a few kernels where autograd would chain a dozen through the forward's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        e, n = mish_parts(x)
+        ctx.save_for_backward(x, e, n)
+        return x * n / (n + 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * mish_derivative(*ctx.saved_tensors)
+
+
 class Mish(nn.Module):
-    """nn.Mish, x tanh(softplus(x)), from one exp: tanh(softplus(x)) = n / (n + 2) with n = e^x (e^x + 2). The same
-    function up to float rounding, forward and backward about 2x faster on CPU, where torch's tanh and log1p are slow."""
+    """nn.Mish, x tanh(softplus(x)), in closed form on CPU, where torch's tanh and log1p are slow: the same function up
+    to float rounding, forward and backward over 2x faster than nn.Mish there. On GPU, torch's fused kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cpu:
-            return F.mish(x)  # one fused kernel
-        e = torch.exp(x.clamp(max=20.0))  # past 20, n / (n + 2) is 1 in float32
-        n = e * (e + 2)
-        return x * n / (n + 2)
+        return MishFunction.apply(x) if x.is_cpu else F.mish(x)
 
 
 class SinusoidalPosEmb(nn.Module):

@@ -1,5 +1,6 @@
 """Tests of ofql.py: data, the MeanFlow target and loss, one-step sampling, and an end-to-end run."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -60,21 +61,58 @@ def test_dict_observations_flatten_in_sorted_key_order():
     assert np.array_equal(ofql.flatten_obs(flat), flat)  # arrays pass through
 
 
-def test_mean_flow_target_matches_finite_differences():
-    """u_tgt = v - (t - r) du/dt with du/dt = v . d_a u + d_t u (Eq. 16), against a central difference in float64."""
+def with_torch_mish(actor: ofql.Actor) -> ofql.Actor:
+    """A copy of the actor with torch's nn.Mish, which torch.func transforms can go through (our CPU Mish cannot)."""
+    reference = copy.deepcopy(actor)
+    for parent in reference.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, ofql.Mish):
+                setattr(parent, name, torch.nn.Mish())
+    return reference
+
+
+def test_actor_jvp_matches_finite_differences_and_torch_func():
+    """actor.jvp: u as actor() gives it, with gradient, and du/dt = v . d_a u + d_t u (Eq. 16) without, against a
+    central difference in float64 and against torch.func.jvp (forward AD, which the hand-written pass replaces)."""
     torch.manual_seed(0)
     actor = ofql.Actor(5, 3, -np.ones(3), np.ones(3)).double()
     a_t, v, obs = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
     t = torch.rand(8, dtype=torch.float64)
     r = t * torch.rand(8, dtype=torch.float64)
-    u_tgt = ofql.mean_flow_target(actor, a_t, r, t, obs, v)
+    u, du_dt = actor.jvp(a_t, r, t, obs, v)
+    assert u.requires_grad and not du_dt.requires_grad
+    assert torch.equal(u, actor(a_t, r, t, obs))
     h = 1e-6  # move along the trajectory: a_t by h v, t by h, r fixed
     with torch.no_grad():
-        du_dt = (actor(a_t + h * v, r, t + h, obs) - actor(a_t - h * v, r, t - h, obs)) / (2 * h)
-    expected = v - (t - r)[:, None] * du_dt
-    assert not u_tgt.requires_grad
-    assert torch.allclose(u_tgt, expected, rtol=1e-6, atol=1e-8)
-    assert not torch.allclose(u_tgt, v, atol=1e-3)  # the derivative term is really there
+        central = (actor(a_t + h * v, r, t + h, obs) - actor(a_t - h * v, r, t - h, obs)) / (2 * h)
+        reference = with_torch_mish(actor)
+        _, forward_ad = torch.func.jvp(lambda a_t, t: reference(a_t, r, t, obs), (a_t, t), (v, torch.ones_like(t)))
+    assert torch.allclose(du_dt, central, rtol=1e-6, atol=1e-8)
+    assert torch.allclose(du_dt, forward_ad, rtol=1e-12, atol=1e-12)
+    assert du_dt.abs().mean() > 1e-3  # the derivative term is really there (an untrained actor: small, not zero)
+
+
+def test_mean_flow_loss_regresses_u_onto_the_stopped_target():
+    """The loss is MSE(u, v - (t - r) du/dt) (Eq. 16-17); its gradient flows through u only, not through the target."""
+    torch.manual_seed(0)
+    actor = ofql.Actor(5, 3, -np.ones(3), np.ones(3)).double()
+    obs, actions, noise = (
+        torch.randn(16, 5, dtype=torch.float64),
+        torch.rand(16, 3, dtype=torch.float64),
+        torch.randn(16, 3, dtype=torch.float64),
+    )
+    t, r = ofql.sample_time_pairs(16, 0.5, -0.4, 1.0, obs.device)
+    t, r = t.double(), r.double()
+    loss = ofql.mean_flow_loss(actor, obs, actions, t, r, noise)
+    a_t, v = (1 - t[:, None]) * actions + t[:, None] * noise, noise - actions
+    with torch.no_grad():
+        reference = with_torch_mish(actor)
+        _, du_dt = torch.func.jvp(lambda a_t, t: reference(a_t, r, t, obs), (a_t, t), (v, torch.ones_like(t)))
+    expected = torch.nn.functional.mse_loss(actor(a_t, r, t, obs), v - (t - r)[:, None] * du_dt)
+    grads = torch.autograd.grad(loss, list(actor.parameters()))
+    expected_grads = torch.autograd.grad(expected, list(actor.parameters()))
+    assert torch.allclose(loss, expected, rtol=1e-12)
+    assert all(torch.allclose(g, e, rtol=1e-9, atol=1e-12) for g, e in zip(grads, expected_grads, strict=True))
 
 
 def test_time_pairs_are_ordered_with_half_on_the_diagonal():
