@@ -78,6 +78,8 @@ class Args:
     """a run folder `runs/{run_name}`: continue its `checkpoint.pt` to the same --total-steps, with the run's own arguments"""
     compile: bool = False
     """torch.compile the update and the policy call"""
+    cudagraphs: bool = False
+    """capture the update and the policy call in CUDA graphs, replayed at every call (GPU only; with --compile, of the compiled code)"""
 
     # Data and evaluation
     env_id: str = "hopper-medium-v2"
@@ -536,8 +538,9 @@ def select_actions(actor: Actor, critic_target: Critic, obs: torch.Tensor, num_c
     obs_rep = obs.repeat_interleave(num_candidates, dim=0)  # (n * c, obs_dim)
     actions = sample_actions(actor, obs_rep, sampler, steps).view(n, num_candidates, -1)
     q = critic_target.q_min(obs_rep, actions.flatten(0, 1)).view(n, num_candidates)
-    pick = torch.multinomial(F.softmax(q, dim=-1), 1)  # (n, 1)
-    return actions[torch.arange(n, device=obs.device), pick[:, 0]]
+    probs = F.softmax(q, dim=-1)
+    pick = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)  # torch.multinomial's own draw, minus its host sync
+    return actions[torch.arange(n, device=obs.device), pick]
 
 
 def evaluate(policy, make_env, num_episodes: int, max_envs: int, seed: int, device: torch.device) -> np.ndarray:
@@ -570,6 +573,38 @@ def decision_frequency(policy, obs: torch.Tensor, warmup: int = 10, repeats: int
     return repeats / (time.perf_counter() - start)
 
 
+def cuda_graphed(fn: Callable, warmup: int = 3) -> Callable:
+    """fn, replayed from a CUDA graph: per input shapes, `warmup` eager calls on a side stream, then one capture; later
+    calls copy their inputs into the graph's static inputs and replay it. fn must have static shapes and no host
+    synchronisation; its outputs are the graph's static outputs, overwritten by the next call."""
+    graphs, calls = {}, {}  # input shapes -> (graph, static inputs, static outputs); -> eager calls so far
+
+    def graphed(*inputs: torch.Tensor):
+        shapes = tuple(x.shape for x in inputs)
+        if shapes in graphs:
+            graph, static_inputs, static_outputs = graphs[shapes]
+            for static, x in zip(static_inputs, inputs, strict=True):
+                static.copy_(x)
+            graph.replay()
+            return static_outputs
+        if calls.get(shapes, 0) < warmup:  # warm up on a side stream, as capture requires (real calls, run once)
+            calls[shapes] = calls.get(shapes, 0) + 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                outputs = fn(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            return outputs
+        graph, static_inputs = torch.cuda.CUDAGraph(), [x.clone() for x in inputs]
+        with torch.cuda.graph(graph):  # records the kernels without running them: the replay below runs this call
+            static_outputs = fn(*static_inputs)
+        graphs[shapes] = (graph, static_inputs, static_outputs)
+        graph.replay()
+        return static_outputs
+
+    return graphed
+
+
 def format_losses(losses: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4g}" for name, value in losses.items()) or "none yet"
 
@@ -594,7 +629,7 @@ if __name__ == "__main__":
                 f"error: --resume {args.resume}: no checkpoint.pt there (written on SIGINT/SIGTERM and every --checkpoint-freq updates)"
             )
         saved = torch.load(checkpoint_path, map_location="cpu")
-        args = Args(**saved["args"] | {k: getattr(args, k) for k in ("resume", "cuda", "threads", "track", "compile")})
+        args = Args(**saved["args"] | {k: getattr(args, k) for k in ("resume", "cuda", "threads", "track", "compile", "cudagraphs")})
     if args.eval_only and not (args.checkpoint and os.path.isfile(args.checkpoint)):
         raise SystemExit(
             f"error: --eval-only needs --checkpoint PATH, a model.pt written by --save-model (or a checkpoint.pt); got {args.checkpoint}"
@@ -618,6 +653,8 @@ if __name__ == "__main__":
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        raise SystemExit("error: --cudagraphs needs a CUDA GPU (and --cuda); on CPU, use --compile")
 
     # data setup: transitions on the device, the env the data was recorded on for evaluation
     try:
@@ -656,8 +693,8 @@ if __name__ == "__main__":
     critic = Critic(obs_dim, action_dim).to(device)
     critic_target = Critic(obs_dim, action_dim).to(device)
     critic_target.load_state_dict(critic.state_dict())
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, foreach=True)  # on CPU the default is a loop over tensors
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, foreach=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)  # one kernel per step (CPU and GPU), no host sync
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
     networks = {"actor": actor, "critic": critic, "critic_target": critic_target}
     networks["actor_target"] = actor_target  # checkpointed, saved and loaded like the others
     optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
@@ -716,6 +753,8 @@ if __name__ == "__main__":
 
         torch._inductor.config.fallback_random = True  # draw from torch's generator as eager mode does: same stream, resumable
         update, policy = torch.compile(update), torch.compile(policy)
+    if args.cudagraphs:
+        update, policy = cuda_graphed(update), cuda_graphed(policy)
 
     if args.eval_only:
         saved = torch.load(args.checkpoint, map_location=device)

@@ -249,6 +249,30 @@ def test_compile_trains_like_eager(script, minari_path, tmp_path):
     assert summary["compile_seconds"] > 0 and summary["decision_hz"] > 0 and summary_of(tmp_path / "eager")["compile_seconds"] == 0
 
 
+@pytest.mark.parametrize("script", TORCH_SCRIPTS)
+def test_cudagraphs_without_a_gpu_fails_with_one_readable_message(script, tmp_path):
+    result = run(script, tmp_path, "--env-id", HOPPER_DATASET_ID, "--cudagraphs", "--no-cuda", timeout=60)
+    assert result.returncode != 0 and "--cudagraphs needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the CPU path is tested above")
+@pytest.mark.parametrize("script", TORCH_SCRIPTS)
+def test_cudagraphs_train_like_eager_on_a_gpu(script, minari_path, tmp_path):
+    """--cudagraphs (the update and the policy call captured, then replayed) on a GPU: the losses of an eager GPU run
+    up to float rounding, past the warm-up and capture (update 4), and a decision frequency measured by replays."""
+    flags = ("--env-id", HOPPER_DATASET_ID, "--total-steps", "20", "--log-freq", "1", *QUICK[1:], "--cuda")
+    losses = {}
+    for name, extra in (("eager", ()), ("graphs", ("--cudagraphs",))):
+        (tmp_path / name).mkdir()
+        result = run(script, tmp_path / name, *flags, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses[name] = logged_losses(next((tmp_path / name / "runs").iterdir()))
+    for loss, series in losses["eager"].items():
+        np.testing.assert_allclose(list(losses["graphs"][loss].values()), list(series.values()), rtol=1e-3, atol=1e-4, err_msg=loss)
+    assert summary_of(tmp_path / "graphs")["decision_hz"] > 0
+
+
 @pytest.mark.parametrize("script", ["dql", "fql"])
 def test_resume_restores_the_ema_target_actor(script, minari_path, tmp_path):
     """The EMA target actor is checkpointed with the other networks: a run stopped by SIGTERM after the EMA updates
