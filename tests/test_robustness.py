@@ -232,19 +232,24 @@ def test_closed_form_mish_matches_torch_mish(script):
     assert torch.autograd.gradcheck(mish, (torch.randn(6, 5, dtype=torch.float64, requires_grad=True) * 5,))
 
 
+def assert_trains_like_eager(script: str, tmp_path, flags: tuple[str, ...], name: str, flag: str):
+    """Runs the script in tmp_path/eager and, with `flag`, in tmp_path/{name}: the same losses up to float rounding."""
+    losses = {}
+    for folder, extra in (("eager", ()), (name, (flag,))):
+        (tmp_path / folder).mkdir()
+        result = run(script, tmp_path / folder, *flags, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses[folder] = logged_losses(next((tmp_path / folder / "runs").iterdir()))
+    for loss, series in losses["eager"].items():
+        np.testing.assert_allclose(list(losses[name][loss].values()), list(series.values()), rtol=1e-3, atol=1e-4, err_msg=loss)
+
+
 @pytest.mark.parametrize("script", TORCH_SCRIPTS)
 def test_compile_trains_like_eager(script, minari_path, tmp_path):
     """--compile (torch.compile of the update and of the policy call) on CPU: the same losses up to float rounding,
     compilation timed apart from training."""
     flags = ("--env-id", HOPPER_DATASET_ID, "--total-steps", "20", "--log-freq", "1", *QUICK)
-    losses = {}
-    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
-        (tmp_path / name).mkdir()
-        result = run(script, tmp_path / name, *flags, *extra)
-        assert result.returncode == 0, result.stderr[-2000:]
-        losses[name] = logged_losses(next((tmp_path / name / "runs").iterdir()))
-    for loss, series in losses["eager"].items():
-        np.testing.assert_allclose(list(losses["compiled"][loss].values()), list(series.values()), rtol=1e-3, atol=1e-4, err_msg=loss)
+    assert_trains_like_eager(script, tmp_path, flags, "compiled", "--compile")
     summary = summary_of(tmp_path / "compiled")
     assert summary["compile_seconds"] > 0 and summary["decision_hz"] > 0 and summary_of(tmp_path / "eager")["compile_seconds"] == 0
 
@@ -262,14 +267,7 @@ def test_cudagraphs_train_like_eager_on_a_gpu(script, minari_path, tmp_path):
     """--cudagraphs (the update and the policy call captured, then replayed) on a GPU: the losses of an eager GPU run
     up to float rounding, past the warm-up and capture (update 4), and a decision frequency measured by replays."""
     flags = ("--env-id", HOPPER_DATASET_ID, "--total-steps", "20", "--log-freq", "1", *QUICK[1:], "--cuda")
-    losses = {}
-    for name, extra in (("eager", ()), ("graphs", ("--cudagraphs",))):
-        (tmp_path / name).mkdir()
-        result = run(script, tmp_path / name, *flags, *extra)
-        assert result.returncode == 0, result.stderr[-2000:]
-        losses[name] = logged_losses(next((tmp_path / name / "runs").iterdir()))
-    for loss, series in losses["eager"].items():
-        np.testing.assert_allclose(list(losses["graphs"][loss].values()), list(series.values()), rtol=1e-3, atol=1e-4, err_msg=loss)
+    assert_trains_like_eager(script, tmp_path, flags, "graphs", "--cudagraphs")
     assert summary_of(tmp_path / "graphs")["decision_hz"] > 0
 
 
