@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -30,10 +31,23 @@ def test_unknown_name_suggests_close_ones():
 
 
 def test_task_table_fills_defaults_and_command_line_wins():
-    args = ofql.task_defaults(ofql.Args(env_id="sac/hopper/medium-replay-v0"))
+    args, line = ofql.task_defaults(ofql.Args(env_id="sac/hopper/medium-replay-v0"))
     assert (args.grad_norm, args.max_q_backup, args.reward_tune, args.total_steps) == (4.0, False, "none", 2_000_000)
-    args = ofql.task_defaults(ofql.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))
+    assert line.startswith("task row hopper-medium-replay: lr 0.0003, eta 0.1,") and "command line" not in line
+    args, line = ofql.task_defaults(ofql.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))
     assert (args.eta, args.max_q_backup, args.lr, args.reward_tune) == (0.3, True, 1e-3, "cql")
+    assert line.endswith("(from the command line: eta, max_q_backup)")
+
+
+@pytest.mark.parametrize(
+    "env_id, row",
+    [("ant-medium-v2", "hopper-medium"), ("door-human-v1", "pen-human"), ("walker2d-expert-v2", "walker2d-medium")]
+    + [("mine/robot/demos-v0", "hopper-medium")],
+)
+def test_a_task_without_a_row_borrows_one_and_says_which(env_id, row):
+    args, line = ofql.task_defaults(ofql.Args(env_id=env_id))
+    assert line.startswith(f"{ofql.task_name(env_id)} has no row in TASKS, borrowing {row}'s: ")
+    assert (args.lr, args.grad_norm) == ofql.TASKS[row][:1] + ofql.TASKS[row][-1:]
 
 
 def test_dataset_to_tensors_keeps_transitions_aligned(minari_path):
@@ -44,7 +58,9 @@ def test_dataset_to_tensors_keeps_transitions_aligned(minari_path):
     # next_obs of one step is obs of the next within an episode; episode boundaries are not crossed
     first = len(episodes[0].rewards)
     assert torch.equal(data["next_obs"][: first - 1], data["obs"][1:first])
-    assert torch.allclose(data["next_obs"][first - 1], torch.as_tensor(episodes[0].observations[-1], dtype=torch.float32))
+    assert torch.allclose(
+        data["next_obs"][first - 1], torch.as_tensor(episodes[0].observations[-1], dtype=torch.float32)
+    )
     # terminals are terminations only: a truncated episode's last step is not terminal
     assert data["terminals"].sum().item() == sum(int(e.terminations.sum()) for e in episodes)
     truncated = [e for e in episodes if e.truncations[-1]]
@@ -76,7 +92,11 @@ def test_actor_jvp_matches_finite_differences_and_torch_func():
     central difference in float64 and against torch.func.jvp (forward AD, which the hand-written pass replaces)."""
     torch.manual_seed(0)
     actor = ofql.Actor(5, 3, -np.ones(3), np.ones(3)).double()
-    a_t, v, obs = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    a_t, v, obs = (
+        torch.randn(8, 3, dtype=torch.float64),
+        torch.randn(8, 3, dtype=torch.float64),
+        torch.randn(8, 5, dtype=torch.float64),
+    )
     t = torch.rand(8, dtype=torch.float64)
     r = t * torch.rand(8, dtype=torch.float64)
     u, du_dt = actor.jvp(a_t, r, t, obs, v)
@@ -137,7 +157,9 @@ def test_one_step_actions_are_bounded_and_differentiable():
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 200) -> float:
-    directions = torch.nn.functional.normalize(torch.randn(2, num_projections, generator=torch.Generator().manual_seed(0)), dim=0)
+    directions = torch.nn.functional.normalize(
+        torch.randn(2, num_projections, generator=torch.Generator().manual_seed(0)), dim=0
+    )
     return ((x @ directions).sort(0).values - (y @ directions).sort(0).values).abs().mean().item()
 
 
@@ -172,7 +194,9 @@ def test_one_step_mean_flow_beats_one_step_flow_matching_on_a_multimodal_target(
         flow_matching_samples = noise - flow_matching(noise, ones, ones, obs)
     mean_flow_distance = sliced_wasserstein(mean_flow_samples, target)
     flow_matching_distance = sliced_wasserstein(flow_matching_samples, target)
-    print(f"sliced Wasserstein to the target, 1 step: MeanFlow {mean_flow_distance:.3f}, flow matching {flow_matching_distance:.3f}")
+    print(
+        f"sliced Wasserstein to the target, 1 step: MeanFlow {mean_flow_distance:.3f}, flow matching {flow_matching_distance:.3f}"
+    )
     assert mean_flow_distance < 0.5 * flow_matching_distance
 
 
@@ -183,7 +207,16 @@ SUMMARY_KEYS = (
 
 
 def run_ofql(tmp_path, *flags: str) -> dict:
-    command = [sys.executable, str(ROOT / "ofql.py"), "--env-id", HOPPER_DATASET_ID, "--no-cuda", "--threads", "1", *flags]
+    command = [
+        sys.executable,
+        str(ROOT / "ofql.py"),
+        "--env-id",
+        HOPPER_DATASET_ID,
+        "--no-cuda",
+        "--threads",
+        "1",
+        *flags,
+    ]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (summary_path,) = sorted(tmp_path.glob("runs/*/summary.json"), key=lambda p: p.stat().st_mtime)[-1:]
@@ -195,10 +228,15 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
     summary = run_ofql(tmp_path, *flags.split())
     for key in SUMMARY_KEYS:
         assert key in summary, key
-    assert summary["algorithm"] == "ofql" and summary["dataset_id"] == HOPPER_DATASET_ID and summary["total_steps"] == 300
+    assert (
+        summary["algorithm"] == "ofql" and summary["dataset_id"] == HOPPER_DATASET_ID and summary["total_steps"] == 300
+    )
     assert summary["eval_episodes"] == 2 and summary["device"] == "cpu"
     assert [step for step, _ in summary["evaluations"]] == [150, 300]
-    assert summary["normalized_score"] == summary["evaluations"][-1][1] and summary["best_normalized_score"] >= summary["normalized_score"]
+    assert (
+        summary["normalized_score"] == summary["evaluations"][-1][1]
+        and summary["best_normalized_score"] >= summary["normalized_score"]
+    )
     ref_min, ref_max = ofql.D4RL_REF_SCORES["hopper"]
     assert summary["normalized_score"] == pytest.approx(100 * (summary["return_mean"] - ref_min) / (ref_max - ref_min))
     assert summary["train_seconds"] > 0 and summary["updates_per_second"] > 0 and summary["decision_hz"] > 0
@@ -208,7 +246,27 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
 
     # the saved networks evaluate alone, with plain one-step sampling
     evaluation = run_ofql(
-        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.pt"), "--final-eval-episodes", "3", "--num-candidates", "1"
+        tmp_path,
+        "--eval-only",
+        "--checkpoint",
+        str(summary["run_dir"] / "model.pt"),
+        "--final-eval-episodes",
+        "3",
+        "--num-candidates",
+        "1",
     )
     assert evaluation["total_steps"] == 0 and evaluation["eval_episodes"] == 3 and evaluation["num_candidates"] == 1
     assert np.isfinite(evaluation["normalized_score"]) and evaluation["decision_hz"] > 0
+    assert "training" not in evaluation["stdout"] and "updates/s" not in evaluation["stdout"]  # it did not train
+
+
+def test_a_failed_download_prints_one_line(tmp_path):
+    """Without network, Minari's download retries (huggingface_hub logs each retry): the user sees one error line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MINARI_DATASETS_PATH", "HF_HUB_OFFLINE")}
+    env |= {"HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: refused at once
+    command = [sys.executable, str(ROOT / "ofql.py"), "--env-id", "hopper-expert-v2", "--no-cuda"]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("error: mujoco/hopper/expert-v0 is not local") and "MINARI_DATASETS_PATH unset" in line
+    assert not (tmp_path / "runs").exists()
