@@ -1,39 +1,35 @@
-"""Diffusion Q-Learning (DQL): offline RL with a T-step DDPM policy, as its reference code does it.
+"""Diffusion Q-Learning (DQL): offline RL with a T-step DDPM policy, as its reference code does it. Docs: docs/dql.md
 
-Paper: Wang, Hunt, Zhou (2022) "Diffusion Policies as an Expressive Policy Class for Offline Reinforcement
-Learning"; reference code: github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL. The policy is a DDPM with
-epsilon prediction (Eq. 6), DQL's "vp" schedule and T = 5 steps, sampled from x_T ~ N(0, I) (Eq. 5).
-Actions are sampled with gradients kept, so the Q term backpropagates through every sampling step (BPTT,
-Eq. 8), and the critic's next actions come from an EMA target actor (Eq. 7). Equation numbers are those of
-"Revisiting Diffusion Q-Learning" (OFQL, ofql.py), whose Eq. 2-8 restate DQL.
+Paper: Wang, Hunt, Zhou (2022) "Diffusion Policies as an Expressive Policy Class for Offline Reinforcement Learning";
+reference code: github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL. The policy is a DDPM with epsilon
+prediction eps(a_i, i; s) (Eq. 6), DQL's "vp" schedule and T = 5 steps, sampled from x_T ~ N(0, I) (Eq. 5). The Q
+term backpropagates through every sampling step (BPTT, Eq. 8); the critic's next actions come from an EMA target
+actor (Eq. 7). Equation numbers are those of "Revisiting Diffusion Q-Learning" (ofql.py), whose Eq. 2-8 restate DQL.
 
 Usage:
-    python dql.py --env-id hopper-medium-v2                # D4RL name -> Minari dataset
-    MINARI_DATASETS_PATH=../shared/datasets python dql.py --env-id sac/hopper/medium-replay-v0
-    python dql.py --env-id hopper-medium-replay-v2 --dataset-path hopper_medium_replay-v2.hdf5   # a D4RL file
-    python dql.py --resume runs/{run_name}                 # continue an interrupted run (Ctrl-C checkpoints)
-    python dql.py --eval-sampler ddim --eval-steps 1       # the paper's ablation "DQL + DDIM (1)"
-    python dql.py --help                                   # every flag, with its meaning
+    python dql.py --env-id hopper-medium-v2    # a D4RL name, mapped to a Minari dataset
+    MINARI_DATASETS_PATH=/path/to/datasets python dql.py --env-id sac/hopper/medium-replay-v0
+    python dql.py --env-id hopper-medium-replay-v2 --dataset-path hopper_medium_replay-v2.hdf5
+    python dql.py --resume runs/{run_name}     # continue an interrupted run (Ctrl-C checkpoints)
+    python dql.py --eval-sampler ddim --eval-steps 1    # the paper's ablation "DQL + DDIM (1)"
+    python dql.py --help                       # every flag
 
-Choices the sources leave open (see README, "Implementation details"):
-- TASKS holds DQL's per-task hyperparameters (its main.py), eta 1.0 on locomotion.
-- `--eval-sampler ddim` (the reference has none): deterministic DDIM on `--eval-steps` of the T steps, evenly
-  spaced from the noisiest (T - 1) to 0, predicted x0 clipped as in the DDPM; one step is a = clip(x0(x_T)).
-  Evaluation only: the model is always trained as a DDPM.
-- The step index i in {0..T-1} goes raw into the sinusoidal embedding, as in the reference.
+Choices the sources leave open (docs/dql.md): `--eval-sampler ddim` (not in the reference), deterministic DDIM on
+--eval-steps of the T steps, evaluation only; the raw step index i in {0..T-1} goes into the time embedding.
 """
 
 import difflib
 import json
-import logging
+import math
 import os
 import random
 import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Literal
 
@@ -73,21 +69,21 @@ class Args:
     checkpoint: str | None = None
     """a `model.pt` written by --save-model (or a `checkpoint.pt`), for --eval-only"""
     checkpoint_freq: int = 0
-    """write the training state to `runs/{run_name}/checkpoint.pt` every this many updates (0: only on SIGINT/SIGTERM)"""
+    """write `runs/{run_name}/checkpoint.pt` every this many updates (0: only on SIGINT/SIGTERM)"""
     resume: str | None = None
-    """a run folder `runs/{run_name}`: continue its `checkpoint.pt` to the same --total-steps, with the run's own arguments"""
+    """a run folder to continue from its checkpoint.pt, with the run's own flags (those given here win)"""
     compile: bool = False
     """torch.compile the update and the policy call"""
     cudagraphs: bool = False
-    """capture the update and the policy call in CUDA graphs, replayed at every call (GPU only; with --compile, of the compiled code)"""
+    """replay the update and the policy call from CUDA graphs (tensordict's CudaGraphModule; GPU only)"""
 
     # Data and evaluation
     env_id: str = "hopper-medium-v2"
     """a D4RL name (hopper-medium-v2) or a Minari dataset id (mujoco/hopper/medium-v0)"""
     dataset_path: str | None = None
-    """an original D4RL hdf5 file to train on instead of Minari's data; --env-id names its task (hopper-medium-replay-v2)"""
+    """a D4RL hdf5 file to train on instead of Minari's data; --env-id names its task"""
     total_steps: int | None = None
-    """number of gradient updates (default: the task table's)"""
+    """number of gradient updates (None: the task's row in TASKS)"""
     batch_size: int = 256
     """the batch size of each update"""
     eval_freq: int = 50_000
@@ -101,19 +97,19 @@ class Args:
     max_eval_envs: int = 50
     """at most this many evaluation envs step together"""
     log_freq: int = 1000
-    """log losses and the progress line every this many updates"""
+    """log the losses and a progress line every this many updates"""
 
-    # Algorithm specific arguments (None: the task table's value)
+    # Algorithm specific arguments (None: the task's row in TASKS)
     lr: float | None = None
-    """learning rate of the actor (the critic's is 3e-4, as in DQL)"""
+    """learning rate of the actor (None: the task's row in TASKS)"""
     eta: float | None = None
-    """weight of the normalized Q term in the actor loss (Eq. 8)"""
+    """weight of the normalized Q term in the actor loss, Eq. 8 (None: the task's row in TASKS)"""
     max_q_backup: bool | None = None
-    """critic target: max over 10 next actions per critic, then min over critics"""
-    reward_tune: str | None = None
-    """reward shaping: none | cql ((r - 0.5) * 4) | normalize ((r - mean) / std)"""
+    """critic target: max over 10 next actions per critic, then min over critics (None: the task's row)"""
+    reward_tune: Literal["none", "cql", "normalize"] | None = None
+    """reward shaping: cql (r - 0.5) * 4, normalize (r - mean) / std (None: the task's row in TASKS)"""
     grad_norm: float | None = None
-    """clip the gradient norm of actor and critic at this value (0: no clipping)"""
+    """clip the gradient norms of actor and critic, 0: no clipping (None: the task's row in TASKS)"""
     critic_lr: float = 3e-4
     """learning rate of the critic"""
     gamma: float = 0.99
@@ -123,9 +119,9 @@ class Args:
     diffusion_steps: int = 5
     """T: denoising steps of the DDPM ("vp" schedule), in training and for the critic's next actions"""
     eval_sampler: Literal["ddpm", "ddim"] = "ddpm"
-    """sampler at evaluation: ddpm (the T-step chain it is trained with) | ddim (deterministic, --eval-steps of the T steps)"""
+    """sampler at evaluation: ddpm, the T-step chain it is trained with; ddim, deterministic, on --eval-steps of T"""
     eval_steps: int | None = None
-    """denoising steps at evaluation (default T; ddpm always takes T)"""
+    """denoising steps at evaluation (None: T; ddpm always takes all T)"""
     ema_decay: float = 0.995
     """decay of the EMA target actor that gives the critic's next actions"""
     ema_start: int = 1000
@@ -134,7 +130,20 @@ class Args:
     """update the EMA target actor every this many updates"""
 
 
-# Per-task defaults: (lr, eta, max_q_backup, reward_tune, updates, grad_norm), all DQL's (its main.py; epochs x 1000).
+# The valid values of every numeric flag, checked before anything runs: "[" and "]" include the bound, "(" and ")" not;
+# a bound may be another flag.
+RANGES = {
+    **{flag: "[0, 4294967295]" for flag in ("seed",)},
+    **{flag: "[0, inf)" for flag in ("threads", "checkpoint_freq", "total_steps", "eta", "grad_norm", "ema_start")},
+    **{flag: "[1, inf)" for flag in ("batch_size", "eval_freq", "eval_episodes", "final_eval_episodes", "log_freq")},
+    **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "ema_every")},
+    **{flag: "(0, inf)" for flag in ("lr", "critic_lr")},
+    **{"gamma": "[0, 1]", "tau": "(0, 1]", "ema_decay": "[0, 1]"},
+    **{"diffusion_steps": "[1, inf)", "eval_steps": "[1, diffusion_steps]"},
+}
+
+# Per-task defaults, the fields of TASK_FIELDS in order: all DQL's (its main.py; updates are epochs x 1000).
+TASK_FIELDS = ("lr", "eta", "max_q_backup", "reward_tune", "total_steps", "grad_norm")
 TASKS = {
     "halfcheetah-medium": (3e-4, 1.0, False, "none", 2_000_000, 9.0),
     "hopper-medium": (3e-4, 1.0, False, "none", 2_000_000, 9.0),
@@ -157,261 +166,9 @@ TASKS = {
     "pen-human": (3e-5, 0.15, False, "normalize", 1_000_000, 7.0),
     "pen-cloned": (3e-5, 0.1, False, "normalize", 1_000_000, 8.0),
 }
-# A task missing from the table (walker2d-expert, ant-medium, ...) takes its domain's row.
-DOMAIN_DEFAULTS = {
-    **{domain: f"{domain}-medium" for domain in ("halfcheetah", "hopper", "walker2d")},
-    **{"antmaze": "antmaze-medium-play", "kitchen": "kitchen-partial", "pen": "pen-human"},
-}
-DEFAULT_TASK = "hopper-medium"
-
-# D4RL names (version suffix dropped) -> Minari dataset ids. Minari has no medium-expert: it is combined from
-# medium and expert the first time it is asked for (see load_dataset), then kept in the local Minari store.
-LOCOMOTION = ("hopper", "halfcheetah", "walker2d", "ant", "humanoid")
-ANTMAZE = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
-D4RL_TO_MINARI = {
-    **{f"{e}-{k}": f"mujoco/{e}/{k}-v0" for e in LOCOMOTION for k in ("medium", "expert", "simple", "medium-expert")},
-    **{f"antmaze-{k}": f"D4RL/antmaze/{k}-v1" for k in ANTMAZE},
-    **{f"kitchen-{k}": f"D4RL/kitchen/{k}-v2" for k in ("complete", "partial", "mixed")},
-    **{f"{e}-{k}": f"D4RL/{e}/{k}-v2" for e in ("pen", "door", "hammer", "relocate") for k in ("human", "cloned", "expert")},
-}
-COMBINED_DATASETS = {f"mujoco/{e}/medium-expert-v0": (f"mujoco/{e}/medium-v0", f"mujoco/{e}/expert-v0") for e in LOCOMOTION}
-# D4RL's normalization constants (min, max): random and expert returns of the original tasks.
-D4RL_REF_SCORES = {
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-    "antmaze": (0.0, 1.0),
-    "kitchen": (0.0, 4.0),
-}
-# --dataset-path: the Gymnasium env that evaluates a D4RL file (D4RL's own -v2 envs need mujoco-py). Same observations.
-D4RL_FILE_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
-D4RL_FILE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}-v2.hdf5"  # name: hopper_medium_replay
-KITCHEN_MUJOCO = (3, 12)  # FrankaKitchen-v1 fails on mujoco >= 3.12 (a joint-type assertion); the `kitchen` extra pins it
 
 
-def strip_version(name: str) -> str:
-    return re.sub(r"-v\d+$", "", name)
-
-
-def resolve_dataset_id(env_id: str) -> str:
-    """A Minari id (it contains a slash) as given; a D4RL name mapped through D4RL_TO_MINARI."""
-    if "/" in env_id:
-        return env_id
-    name = strip_version(env_id)
-    if name in D4RL_TO_MINARI:
-        return D4RL_TO_MINARI[name]
-    if name.endswith("-medium-replay") and name.split("-")[0] in D4RL_FILE_ENVS:
-        file_url = D4RL_FILE_URL.format(name=name.replace("-", "_"))
-        raise ValueError(
-            f"{env_id!r}: Minari has no medium-replay datasets. Train on D4RL's file instead: download {file_url} "
-            f"and run with --env-id {env_id} --dataset-path {os.path.basename(file_url)}"
-        )
-    close = difflib.get_close_matches(name, D4RL_TO_MINARI, n=3, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown --env-id {env_id!r}.{hint} Known D4RL names: {', '.join(D4RL_TO_MINARI)}; or give a Minari id.")
-
-
-def task_name(env_id: str) -> str:
-    """`hopper-medium-v2` or `mujoco/hopper/medium-v0` -> `hopper-medium`: the key of TASKS and of its domain."""
-    if "/" in env_id:
-        domain, kind = env_id.split("/")[-2:]
-        return f"{domain}-{strip_version(kind)}"
-    return strip_version(env_id)
-
-
-def task_defaults(args: Args) -> Args:
-    """Fill every None field of the algorithm block from the task table (command line wins)."""
-    task = task_name(args.env_id)
-    domain = task.split("-")[0]
-    lr, eta, max_q_backup, reward_tune, updates, grad_norm = TASKS.get(task) or TASKS[DOMAIN_DEFAULTS.get(domain, DEFAULT_TASK)]
-    defaults = dict(lr=lr, eta=eta, max_q_backup=max_q_backup, reward_tune=reward_tune, total_steps=updates, grad_norm=grad_norm)
-    for field, value in defaults.items():
-        if getattr(args, field) is None:
-            setattr(args, field, value)
-    return args
-
-
-def load_dataset(dataset_id: str) -> minari.MinariDataset:
-    """The local copy under MINARI_DATASETS_PATH; else, for medium-expert, medium and expert combined (and kept
-    locally); else a download from the Minari remote."""
-    try:
-        return minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        local = minari.storage.get_dataset_path(dataset_id)
-    if dataset_id in COMBINED_DATASETS:
-        parts = [load_dataset(part) for part in COMBINED_DATASETS[dataset_id]]
-        print(f"{dataset_id}: combining {' and '.join(COMBINED_DATASETS[dataset_id])} into {local}")
-        try:
-            return minari.combine_datasets(parts, new_dataset_id=dataset_id)
-        except BaseException:  # interrupted or failed: no half-written dataset left in the store
-            minari.delete_dataset(dataset_id)
-            raise
-    print(f"{dataset_id} is not in {local}: downloading it")
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # one message below, not one per retry
-    try:
-        return minari.load_dataset(dataset_id, download=True)
-    except Exception as error:  # no network, or no such dataset on the remote
-        raise ValueError(
-            f"{dataset_id} is not local (looked in {local}, set by MINARI_DATASETS_PATH) and could not be downloaded "
-            f"({type(error).__name__}: {error}). On a machine with internet run `minari download {dataset_id}`, copy the "
-            "folder into MINARI_DATASETS_PATH here, or check the id with `minari list remote`."
-        ) from None
-
-
-def flatten_obs(obs) -> np.ndarray:
-    """Dict observations -> one array, keys in sorted order, nested dicts likewise (AntMaze: achieved_goal,
-    desired_goal, observation)."""
-    if isinstance(obs, dict):
-        return np.concatenate([flatten_obs(obs[k]) for k in sorted(obs)], axis=-1)
-    return np.asarray(obs)
-
-
-def minari_transitions(dataset: minari.MinariDataset) -> dict[str, np.ndarray]:
-    """Flatten the episodes into transitions; done = termination only (a truncation is not terminal)."""
-    obs, actions, rewards, next_obs, terminals = [], [], [], [], []
-    for episode in dataset.iterate_episodes():
-        episode_obs = flatten_obs(episode.observations)  # (N + 1, obs_dim)
-        obs.append(episode_obs[:-1])
-        next_obs.append(episode_obs[1:])
-        actions.append(episode.actions)
-        rewards.append(episode.rewards)
-        terminals.append(episode.terminations)
-    return {
-        "obs": np.concatenate(obs),
-        "actions": np.concatenate(actions),
-        "rewards": np.concatenate(rewards),
-        "next_obs": np.concatenate(next_obs),
-        "terminals": np.concatenate(terminals),
-    }
-
-
-def d4rl_transitions(path: str) -> dict[str, np.ndarray]:
-    """An original D4RL hdf5 file, read with h5py (no d4rl, no mujoco-py). Without `next_observations`, the next
-    observation is the next row, and rows marked `timeouts` (and the file's last) are dropped: their successor is
-    the next episode's start. Done = `terminals` only."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--dataset-path {path}: no such file")
-    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [key for key in keys if key not in f]
-            if missing:
-                raise ValueError(f"--dataset-path {path}: no {', '.join(missing)} in the file; a D4RL file holds {', '.join(keys)}")
-            raw = {key: f[key][()] for key in (*keys, "next_observations") if key in f}
-    except OSError as error:  # not hdf5, truncated, unreadable
-        raise ValueError(f"--dataset-path {path}: not a readable hdf5 file ({error}); download it again") from None
-    lengths = {key: len(value) for key, value in raw.items()}
-    if len(set(lengths.values())) != 1 or raw["observations"].ndim != 2 or raw["actions"].ndim != 2:
-        shapes = ", ".join(f"{key} {value.shape}" for key, value in raw.items())
-        raise ValueError(f"--dataset-path {path}: inconsistent arrays ({shapes}); expected (N, obs_dim), (N, action_dim) and (N,)")
-    if "next_observations" in raw:
-        keep, next_obs = np.ones(len(raw["observations"]), dtype=bool), raw["next_observations"]
-    else:
-        keep, next_obs = ~raw["timeouts"].astype(bool), np.roll(raw["observations"], -1, axis=0)
-        keep[-1] = False
-    transitions = dict(
-        obs=raw["observations"], actions=raw["actions"], rewards=raw["rewards"], next_obs=next_obs, terminals=raw["terminals"]
-    )
-    return {key: value[keep] for key, value in transitions.items()}
-
-
-def load_task(args: Args, dataset_id: str) -> tuple[dict[str, np.ndarray], Callable[[], gym.Env], gym.spaces.Box, tuple[float, float]]:
-    """Transitions, the evaluation env's constructor, its action space and the (min, max) reference returns.
-    Every problem a user can fix raises ValueError with the fix."""
-    domain = task_name(args.env_id).split("-")[0]
-    if args.dataset_path:
-        if domain not in D4RL_FILE_ENVS:
-            raise ValueError(
-                f"--dataset-path takes {', '.join(D4RL_FILE_ENVS)} files (--env-id hopper-medium-replay-v2, ...), not {domain!r}"
-            )
-        print(f"warning: {args.dataset_path} holds D4RL's data; evaluation runs on Gymnasium's {D4RL_FILE_ENVS[domain]}, not D4RL's env")
-        transitions, ref_scores = d4rl_transitions(args.dataset_path), D4RL_REF_SCORES[domain]
-        make_env = partial(gym.make, D4RL_FILE_ENVS[domain])
-    else:
-        if domain == "kitchen":
-            import mujoco
-
-            if tuple(int(part) for part in mujoco.__version__.split(".")[:2]) >= KITCHEN_MUJOCO:
-                raise ValueError(
-                    f"FrankaKitchen-v1 fails on mujoco >= 3.12 (installed: {mujoco.__version__}): "
-                    "pip install -e '.[kitchen]' (gymnasium-robotics and mujoco<3.12)"
-                )
-        dataset = load_dataset(dataset_id)
-        transitions, ref_scores = minari_transitions(dataset), reference_scores(dataset, dataset_id, domain)
-        # AntMaze: an episode ends at the goal, so the normalized score is D4RL's success rate
-        make_env = partial(dataset.recover_environment, eval_env=True, **({"continuing_task": False} if domain == "antmaze" else {}))
-    try:
-        env = make_env()
-    except ImportError as error:
-        raise ValueError(f"{args.env_id}: its env needs the module {error.name!r}: pip install -e '.[robotics]'") from None
-    obs_dim, action_space = flatten_obs(env.reset(seed=args.seed)[0]).shape[-1], env.action_space
-    env.close()
-    data_dims = (transitions["obs"].shape[1], transitions["actions"].shape[1])
-    if data_dims != (obs_dim, action_space.shape[0]):
-        raise ValueError(
-            f"{args.dataset_path or dataset_id}: observations and actions of size {data_dims} do not match "
-            f"the env {env.spec.id}'s {(obs_dim, action_space.shape[0])}; check --env-id"
-        )
-    return transitions, make_env, action_space, ref_scores
-
-
-def dataset_to_tensors(transitions: dict[str, np.ndarray], reward_tune: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Reward shaping per task, then float32 tensors on `device`: rewards and terminals as (N, 1)."""
-    data = transitions | {"rewards": transitions["rewards"][:, None], "terminals": transitions["terminals"][:, None]}
-    if reward_tune == "cql":
-        data["rewards"] = (data["rewards"] - 0.5) * 4.0
-    elif reward_tune == "normalize":
-        data["rewards"] = (data["rewards"] - data["rewards"].mean()) / data["rewards"].std()
-    elif reward_tune != "none":
-        raise ValueError(f"unknown --reward-tune {reward_tune!r}: use none, cql or normalize")
-    return {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in data.items()}
-
-
-def reference_scores(dataset: minari.MinariDataset, dataset_id: str, domain: str) -> tuple[float, float]:
-    """D4RL's (min, max) return for the domain, else the dataset's own reference scores."""
-    if domain in D4RL_REF_SCORES:
-        return D4RL_REF_SCORES[domain]
-    metadata = dataset.storage.metadata
-    if metadata.get("ref_min_score") is None or metadata.get("ref_max_score") is None:
-        raise ValueError(f"{dataset_id}: no D4RL reference returns for {domain!r} and none in the dataset's metadata")
-    return metadata["ref_min_score"], metadata["ref_max_score"]
-
-
-# ALGO LOGIC: initialize agent here:
-def mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e^x and n = e^x (e^x + 2), from which tanh(softplus(x)) = n / (n + 2): Mish from one exp."""
-    e = torch.exp(x.clamp(max=20.0))  # past 20, n / (n + 2) is 1 in float32
-    return e, e * (e + 2)
-
-
-def mish_derivative(x: torch.Tensor, e: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """mish'(x) = n / (n + 2) + 4 x e^x (e^x + 1) / (n + 2)^2."""
-    return (n + 4 * x * e * (e + 1) / (n + 2)) / (n + 2)
-
-
-class MishFunction(torch.autograd.Function):
-    """Mish with its closed-form backward: a few kernels where autograd would chain a dozen through the forward's."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        e, n = mish_parts(x)
-        ctx.save_for_backward(x, e, n)
-        return x * n / (n + 2)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad * mish_derivative(*ctx.saved_tensors)
-
-
-class Mish(nn.Module):
-    """nn.Mish, x tanh(softplus(x)), in closed form on CPU, where torch's tanh and log1p are slow: the same function up
-    to float rounding, forward and backward over 2x faster than nn.Mish there. On GPU, torch's fused kernel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return MishFunction.apply(x) if x.is_cpu else F.mish(x)
-
-
+# ALGO LOGIC: networks, DDPM and DDIM sampling, the diffusion loss, the update, the EMA target actor, action selection
 class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -450,16 +207,7 @@ def vp_schedule(diffusion_steps: int, b_min: float = 0.1, b_max: float = 10.0) -
 class Actor(nn.Module):
     """Noise prediction eps(a_i, i; s): DQL's MLP, the DDPM schedule in its buffers."""
 
-    def __init__(
-        self,
-        obs_dim: int,
-        action_dim: int,
-        action_low: np.ndarray,
-        action_high: np.ndarray,
-        diffusion_steps: int = 5,
-        hidden_dim: int = 256,
-        t_dim: int = 16,
-    ):
+    def __init__(self, obs_dim, action_dim, action_low, action_high, diffusion_steps=5, hidden_dim=256, t_dim=16):
         super().__init__()
         self.t_mlp = time_mlp(t_dim)
         self.mid_layer = nn.Sequential(
@@ -509,7 +257,7 @@ def sample_actions(actor: Actor, obs: torch.Tensor, sampler: str = "ddpm", steps
     T = actor.betas.shape[0]
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r}: use ddpm or ddim")
-    timesteps = list(range(T - 1, -1, -1)) if sampler == "ddpm" else np.linspace(T - 1, 0, steps or T).round().astype(int).tolist()
+    timesteps = np.linspace(T - 1, 0, T if sampler == "ddpm" else steps or T).round().astype(int).tolist()
     x = torch.randn(obs.shape[0], actor.action_low.shape[0], device=obs.device)
     for i, i_next in zip(timesteps, timesteps[1:] + [-1], strict=True):
         eps = actor(x, torch.full((obs.shape[0],), float(i), device=obs.device), obs)
@@ -524,25 +272,114 @@ def sample_actions(actor: Actor, obs: torch.Tensor, sampler: str = "ddpm", steps
     return x.clamp(actor.action_low, actor.action_high)
 
 
-def diffusion_loss(actor: Actor, obs: torch.Tensor, actions: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """DDPM behaviour cloning (Eq. 6): a_i = sqrt(abar_i) a + sqrt(1 - abar_i) eps, MSE between predicted and true noise."""
+def diffusion_loss(actor: Actor, obs, actions, t, noise) -> torch.Tensor:
+    """DDPM behaviour cloning (Eq. 6): a_i = sqrt(abar_i) a + sqrt(1 - abar_i) eps, eps(a_i, i; s) regressed on eps."""
     abar = actor.alphas_cumprod[t][:, None]
     a_t = abar.sqrt() * actions + (1 - abar).sqrt() * noise
     return F.mse_loss(actor(a_t, t.float(), obs), noise)
 
 
+def gradient_step(optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor, grad_norm: float):
+    """Backward into the module's own parameters only, clip their norm (grad_norm 0: no clipping), step."""
+    optimizer.zero_grad()
+    loss.backward(inputs=list(module.parameters()))
+    if grad_norm > 0:
+        nn.utils.clip_grad_norm_(module.parameters(), max_norm=grad_norm)
+    optimizer.step()
+
+
+def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, next_obs, terminals, swap: bool):
+    """One update of critic, actor and target critic: tensors in, detached tensors out, no host synchronisation."""
+    actor, critic, critic_target = networks["actor"], networks["critic"], networks["critic_target"]
+    actor_target = networks["actor_target"]
+    # critic: clipped double-Q target (Eq. 7) with next actions from the EMA target actor
+    with torch.no_grad():
+        if args.max_q_backup:  # 10 next actions per s': max per critic, then min over critics
+            next_obs_rep = next_obs.repeat_interleave(10, dim=0)
+            next_q1, next_q2 = critic_target(next_obs_rep, sample_actions(actor_target, next_obs_rep))
+            next_q = torch.min(next_q1.view(-1, 10).amax(1, keepdim=True), next_q2.view(-1, 10).amax(1, keepdim=True))
+        else:
+            next_q = critic_target.q_min(next_obs, sample_actions(actor_target, next_obs))
+        target_q = rewards + (1 - terminals) * args.gamma * next_q
+    current_q1, current_q2 = critic(obs, actions)
+    critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)
+    gradient_step(optimizers["critic_optimizer"], critic, critic_loss, args.grad_norm)
+
+    # actor: DDPM BC (Eq. 6) - eta * Q / |Q| (Eq. 8), the Q term through all T denoising steps (BPTT)
+    t = torch.randint(args.diffusion_steps, (obs.shape[0],), device=obs.device)  # uniform over {0..T-1}
+    bc_loss = diffusion_loss(actor, obs, actions, t, torch.randn_like(actions))
+    q1, q2 = critic(obs, sample_actions(actor, obs))
+    q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other for its scale
+    q_loss = -q.mean() / q_scale.abs().mean().detach()
+    actor_loss = bc_loss + args.eta * q_loss
+    gradient_step(optimizers["actor_optimizer"], actor, actor_loss, args.grad_norm)  # no weight gradients of the critic
+
+    # target critic: Polyak averaging, fused
+    with torch.no_grad():
+        torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
+    losses = dict(
+        critic_loss=critic_loss, bc_loss=bc_loss, q_loss=q_loss, actor_loss=actor_loss, q_mean=current_q1.mean()
+    )
+    return {name: loss.detach() for name, loss in losses.items()}
+
+
+def update_actor_target(actor_target: Actor, actor: Actor, step: int, args: Args):
+    """EMA target actor (Eq. 7) every `ema_every` updates from `ema_start`; until then it keeps its initial weights.
+    Outside `update`: the condition is on the host's step."""
+    if step >= args.ema_start and step % args.ema_every == 0:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), 1 - args.ema_decay)
+
+
 @torch.no_grad()
-def select_actions(actor: Actor, critic_target: Critic, obs: torch.Tensor, num_candidates: int, sampler: str, steps: int) -> torch.Tensor:
+def select_actions(
+    actor: Actor, critic_target: Critic, obs: torch.Tensor, num_candidates: int, sampler: str, steps: int
+) -> torch.Tensor:
     """Evaluation policy: `num_candidates` actions per state, one drawn from softmax over the target critic's min-Q."""
     n = obs.shape[0]
     obs_rep = obs.repeat_interleave(num_candidates, dim=0)  # (n * c, obs_dim)
     actions = sample_actions(actor, obs_rep, sampler, steps).view(n, num_candidates, -1)
     q = critic_target.q_min(obs_rep, actions.flatten(0, 1)).view(n, num_candidates)
     probs = F.softmax(q, dim=-1)
-    pick = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)  # torch.multinomial's own draw, minus its host sync
+    pick = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)  # torch.multinomial's draw, no host sync
     return actions[torch.arange(n, device=obs.device), pick]
 
 
+# Fast paths: the same functions as torch's, in fewer kernels (each one tested against torch's own)
+def mish_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e^x and n = e^x (e^x + 2), from which tanh(softplus(x)) = n / (n + 2): Mish from one exp."""
+    e = torch.exp(x.clamp(max=20.0))  # past 20, n / (n + 2) is 1 in float32
+    return e, e * (e + 2)
+
+
+def mish_derivative(x: torch.Tensor, e: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """mish'(x) = n / (n + 2) + 4 x e^x (e^x + 1) / (n + 2)^2."""
+    return (n + 4 * x * e * (e + 1) / (n + 2)) / (n + 2)
+
+
+class MishFunction(torch.autograd.Function):
+    """Mish with its closed-form backward: a few kernels where autograd would chain a dozen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        e, n = mish_parts(x)
+        ctx.save_for_backward(x, e, n)
+        return x * n / (n + 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * mish_derivative(*ctx.saved_tensors)
+
+
+class Mish(nn.Module):
+    """nn.Mish, x tanh(softplus(x)); on CPU in closed form (torch's tanh and log1p are slow there: over 2x faster,
+    forward and backward), on GPU torch's fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return MishFunction.apply(x) if x.is_cpu else F.mish(x)
+
+
+# EVALUATION: normalized returns of the evaluation policy, and its decision frequency
 def evaluate(policy, make_env, num_episodes: int, max_envs: int, seed: int, device: torch.device) -> np.ndarray:
     """Returns of `num_episodes` episodes, run in a vectorized env with one policy call per step for all envs."""
     num_envs = min(num_episodes, max_envs)
@@ -573,41 +410,414 @@ def decision_frequency(policy, obs: torch.Tensor, warmup: int = 10, repeats: int
     return repeats / (time.perf_counter() - start)
 
 
+# PLUMBING: dataset names and loading, checks, checkpoints, logging (the same in ofql.py, dql.py and fql.py)
+# D4RL names (version dropped) -> Minari ids. Minari has no medium-expert: load_dataset combines medium and expert
+# the first time it is asked for, then keeps it in the local Minari store.
+LOCOMOTION = ("hopper", "halfcheetah", "walker2d", "ant", "humanoid")
+ANTMAZE = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+ADROIT = ("pen", "door", "hammer", "relocate")
+D4RL_TO_MINARI = {
+    **{f"{e}-{k}": f"mujoco/{e}/{k}-v0" for e in LOCOMOTION for k in ("medium", "expert", "simple", "medium-expert")},
+    **{f"antmaze-{k}": f"D4RL/antmaze/{k}-v1" for k in ANTMAZE},
+    **{f"kitchen-{k}": f"D4RL/kitchen/{k}-v2" for k in ("complete", "partial", "mixed")},
+    **{f"{e}-{k}": f"D4RL/{e}/{k}-v2" for e in ADROIT for k in ("human", "cloned", "expert")},
+}
+COMBINED = {f"mujoco/{e}/medium-expert-v0": (f"mujoco/{e}/medium-v0", f"mujoco/{e}/expert-v0") for e in LOCOMOTION}
+# A task without a row in TASKS borrows its domain's row, else DEFAULT_TASK's, and says so.
+DOMAIN_ROWS = {
+    **{domain: f"{domain}-medium" for domain in ("halfcheetah", "hopper", "walker2d")},
+    **{"antmaze": "antmaze-medium-play", "kitchen": "kitchen-partial"},
+    **{domain: "pen-human" for domain in ADROIT},
+}
+DEFAULT_TASK = "hopper-medium"
+# D4RL's normalization constants (min, max): random and expert returns of the original tasks.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+    "antmaze": (0.0, 1.0),
+    "kitchen": (0.0, 4.0),
+}
+# --dataset-path: D4RL recorded its -v2 data in gym's v3 envs (mujoco-py); Gymnasium's v4 envs are the same models
+# and rewards on the new mujoco bindings. v5 differs: Walker2d-v5's right foot has friction 1.9 (D4RL: 0.9), and
+# Hopper-v5 and Walker2d-v5 give no healthy reward on the step that falls.
+D4RL_FILE_ENVS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
+D4RL_FILE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}-v2.hdf5"
+KITCHEN_MUJOCO = (3, 12)  # FrankaKitchen-v1 fails on mujoco >= 3.12 (a joint-type assertion); `kitchen` extra pins it
+BATCH_KEYS = ("obs", "actions", "rewards", "next_obs", "terminals")
+
+
+def strip_version(name: str) -> str:
+    return re.sub(r"-v\d+$", "", name)
+
+
+def resolve_dataset_id(env_id: str) -> str:
+    """A Minari id (it contains a slash) as given; a D4RL name mapped through D4RL_TO_MINARI."""
+    if "/" in env_id:
+        return env_id
+    name = strip_version(env_id)
+    if name in D4RL_TO_MINARI:
+        return D4RL_TO_MINARI[name]
+    if name.endswith("-medium-replay") and name.split("-")[0] in D4RL_FILE_ENVS:
+        url = D4RL_FILE_URL.format(name=name.replace("-", "_"))
+        raise ValueError(
+            f"{env_id!r}: Minari has no medium-replay datasets. Train on D4RL's file: download {url} and run "
+            f"with --env-id {env_id} --dataset-path {os.path.basename(url)}"
+        )
+    close = difflib.get_close_matches(name, D4RL_TO_MINARI, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown --env-id {env_id!r}.{hint} Known: {', '.join(D4RL_TO_MINARI)}; or a Minari id.")
+
+
+def task_name(env_id: str) -> str:
+    """`hopper-medium-v2` or `mujoco/hopper/medium-v0` -> `hopper-medium`: the key of TASKS and of its domain."""
+    if "/" in env_id:
+        domain, kind = env_id.split("/")[-2:]
+        return f"{domain}-{strip_version(kind)}"
+    return strip_version(env_id)
+
+
+def task_defaults(args: Args) -> tuple[Args, str]:
+    """Every None field of TASK_FIELDS filled from the task's row, and a line saying which row and what differs."""
+    task = task_name(args.env_id)
+    row = task if task in TASKS else DOMAIN_ROWS.get(task.split("-")[0], DEFAULT_TASK)
+    args = replace(args, **{f: v for f, v in zip(TASK_FIELDS, TASKS[row], strict=True) if getattr(args, f) is None})
+    differ = [f for f, v in zip(TASK_FIELDS, TASKS[row], strict=True) if getattr(args, f) != v]  # set by a flag
+    values = ", ".join(f"{field} {getattr(args, field)}" for field in TASK_FIELDS)
+    source = f"task row {row}" if row == task else f"{task} has no row in TASKS, borrowing {row}'s"
+    return args, f"{source}: {values}" + (f" (not the row's: {', '.join(differ)})" if differ else "")
+
+
+def check_args(args: Args):
+    """Every numeric flag in its RANGES interval, and the combinations that cannot work: ValueError naming the flag."""
+    for flag, interval in RANGES.items():
+        value = getattr(args, flag)
+        if value is None:  # filled in later from another flag (an evaluation step count)
+            continue
+        low, high = (
+            getattr(args, b) if hasattr(args, b) else float(b) for b in interval[1:-1].replace(" ", "").split(",")
+        )
+        above = value > low if interval[0] == "(" else value >= low
+        below = value < high if interval[-1] == ")" else value <= high
+        if not (above and below):  # NaN is in no interval
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: out of range, must be in {interval}")
+    if args.eval_only != bool(args.checkpoint) or args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise ValueError(
+            f"--eval-only needs --checkpoint PATH, an existing model.pt written by --save-model (or a checkpoint.pt), "
+            f"and --checkpoint goes with --eval-only (continue a run with --resume); got {args.checkpoint}"
+        )
+    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
+        raise ValueError("--cudagraphs needs a CUDA GPU (and --cuda); on CPU, use --compile")
+
+
+def parse_args() -> tuple[Args, dict | None, str]:
+    """The command line, checked; with --resume, the run's own flags under it, and its checkpoint; the dataset id.
+    Every problem a user can fix ends here, with one line naming it, before anything is written."""
+    args, saved = tyro.cli(Args), None
+    try:
+        if args.eval_only and args.resume:
+            raise ValueError("--eval-only and --resume: choose one (evaluate a model, or continue a run)")
+        if args.resume:
+            path = os.path.join(args.resume, "checkpoint.pt")
+            if not os.path.isfile(path):
+                raise ValueError(f"--resume {args.resume}: no checkpoint.pt there (written on SIGINT/SIGTERM, and "
+                                 "every --checkpoint-freq updates)")  # fmt: skip
+            saved = torch.load(path, map_location="cpu")
+            args = tyro.cli(Args, default=Args(**saved["args"] | {"resume": args.resume}))
+            if args.total_steps < saved["progress"]["step"]:
+                raise ValueError(f"--total-steps {args.total_steps}: the run is at update {saved['progress']['step']}")
+        elif args.eval_only and args.checkpoint and os.path.isfile(args.checkpoint):
+            saved = torch.load(args.checkpoint, map_location="cpu")
+        dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
+        args, task_line = task_defaults(args)
+        check_args(args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(task_line)
+    return args, saved, dataset_id
+
+
+def load_dataset(dataset_id: str) -> minari.MinariDataset:
+    """The local copy under MINARI_DATASETS_PATH; else, for medium-expert, medium and expert combined (and kept
+    locally); else a download from the Minari remote."""
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        local = minari.storage.get_dataset_path(dataset_id)
+    if dataset_id in COMBINED:
+        parts = [load_dataset(part) for part in COMBINED[dataset_id]]
+        print(f"{dataset_id}: combining {' and '.join(COMBINED[dataset_id])} into {local}")
+        try:
+            return minari.combine_datasets(parts, new_dataset_id=dataset_id)
+        except BaseException:  # interrupted or failed: no half-written dataset left in the store
+            minari.delete_dataset(dataset_id)
+            raise
+    print(f"{dataset_id} is not in {local}: downloading it")
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # one message below, not one per retry
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as error:  # no network, or no such dataset on the remote
+        where = (
+            "set by MINARI_DATASETS_PATH" if os.environ.get("MINARI_DATASETS_PATH") else "MINARI_DATASETS_PATH unset"
+        )
+        raise ValueError(
+            f"{dataset_id} is not local ({local}, {where}) and could not be downloaded ({type(error).__name__}: "
+            f"{error}). With internet: `minari download {dataset_id}`, then copy it into MINARI_DATASETS_PATH here; "
+            "or check the id with `minari list remote`."
+        ) from None
+
+
+def flatten_obs(obs) -> np.ndarray:
+    """Dict observations -> one array, keys in sorted order, nested dicts likewise (AntMaze: achieved_goal,
+    desired_goal, observation)."""
+    if isinstance(obs, dict):
+        return np.concatenate([flatten_obs(obs[k]) for k in sorted(obs)], axis=-1)
+    return np.asarray(obs)
+
+
+def minari_transitions(dataset: minari.MinariDataset) -> dict[str, np.ndarray]:
+    """Flatten the episodes into transitions; done = termination only (a truncation is not terminal)."""
+    obs, actions, rewards, next_obs, terminals = [], [], [], [], []
+    for episode in dataset.iterate_episodes():
+        episode_obs = flatten_obs(episode.observations)  # (N + 1, obs_dim)
+        obs.append(episode_obs[:-1])
+        next_obs.append(episode_obs[1:])
+        actions.append(episode.actions)
+        rewards.append(episode.rewards)
+        terminals.append(episode.terminations)
+    columns = (obs, actions, rewards, next_obs, terminals)
+    return {key: np.concatenate(column) for key, column in zip(BATCH_KEYS, columns, strict=True)}
+
+
+def d4rl_transitions(path: str) -> dict[str, np.ndarray]:
+    """An original D4RL hdf5 file, read with h5py (no d4rl, no mujoco-py). Without `next_observations`, the next
+    observation is the next row, and rows marked `timeouts` (and the file's last) are dropped: their successor
+    is the next episode's start. Done = `terminals` only."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--dataset-path {path}: no such file")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [key for key in keys if key not in f]
+            if missing:
+                raise ValueError(f"--dataset-path {path}: no {', '.join(missing)} in the file; D4RL's hold {keys}")
+            raw = {key: f[key][()] for key in (*keys, "next_observations") if key in f}
+    except OSError as error:  # not hdf5, truncated, unreadable
+        raise ValueError(f"--dataset-path {path}: not a readable hdf5 file ({error}); download it again") from None
+    if len({len(value) for value in raw.values()}) != 1 or raw["observations"].ndim != 2 or raw["actions"].ndim != 2:
+        shapes = ", ".join(f"{key} {value.shape}" for key, value in raw.items())
+        raise ValueError(f"--dataset-path {path}: inconsistent arrays ({shapes}); expected (N, dim) and (N,)")
+    if "next_observations" in raw:
+        keep, next_obs = np.ones(len(raw["observations"]), dtype=bool), raw["next_observations"]
+    else:
+        keep, next_obs = ~raw["timeouts"].astype(bool), np.roll(raw["observations"], -1, axis=0)
+        keep[-1] = False
+    columns = (raw["observations"], raw["actions"], raw["rewards"], next_obs, raw["terminals"])
+    return {key: column[keep] for key, column in zip(BATCH_KEYS, columns, strict=True)}
+
+
+def load_task(args: Args, dataset_id: str) -> tuple[dict[str, np.ndarray], Callable, gym.spaces.Box, tuple]:
+    """Transitions, the evaluation env's constructor, its action space and the (min, max) reference returns.
+    Every problem a user can fix raises ValueError with the fix."""
+    domain = task_name(args.env_id).split("-")[0]
+    if args.dataset_path:
+        if domain not in D4RL_FILE_ENVS:
+            raise ValueError(f"--dataset-path takes {', '.join(D4RL_FILE_ENVS)} files, not {domain!r}")
+        transitions, ref_scores = d4rl_transitions(args.dataset_path), D4RL_REF_SCORES[domain]
+        make_env = partial(gym.make, D4RL_FILE_ENVS[domain])
+        print(f"{args.dataset_path}: D4RL's data, evaluated on Gymnasium's {D4RL_FILE_ENVS[domain]} (D4RL's model)")
+        warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")  # v4 on purpose
+    else:
+        if domain == "kitchen":
+            import mujoco
+
+            if tuple(int(part) for part in mujoco.__version__.split(".")[:2]) >= KITCHEN_MUJOCO:
+                raise ValueError(
+                    f"FrankaKitchen-v1 fails on mujoco >= 3.12 (installed: {mujoco.__version__}): "
+                    "pip install -e '.[kitchen]' (gymnasium-robotics and mujoco<3.12)"
+                )
+        dataset = load_dataset(dataset_id)
+        transitions, ref_scores = minari_transitions(dataset), reference_scores(dataset, dataset_id, domain)
+        # AntMaze: an episode ends at the goal, so the normalized score is D4RL's success rate
+        goal_ends = {"continuing_task": False} if domain == "antmaze" else {}
+        make_env = partial(dataset.recover_environment, eval_env=True, **goal_ends)
+    try:
+        env = make_env()
+    except ImportError as error:
+        raise ValueError(
+            f"{args.env_id}: its env needs the module {error.name!r}: pip install -e '.[robotics]'"
+        ) from None
+    obs_dim, action_space = flatten_obs(env.reset(seed=args.seed)[0]).shape[-1], env.action_space
+    env.close()
+    data_dims = (transitions["obs"].shape[1], transitions["actions"].shape[1])
+    if data_dims != (obs_dim, action_space.shape[0]):
+        raise ValueError(
+            f"{args.dataset_path or dataset_id}: observations and actions of size {data_dims} do not match "
+            f"the env {env.spec.id}'s {(obs_dim, action_space.shape[0])}; check --env-id"
+        )
+    return transitions, make_env, action_space, ref_scores
+
+
+def dataset_to_tensors(transitions: dict[str, np.ndarray], reward_tune: str, device) -> dict[str, torch.Tensor]:
+    """Reward shaping per task, then float32 tensors on `device`: rewards and terminals as (N, 1)."""
+    data = transitions | {"rewards": transitions["rewards"][:, None], "terminals": transitions["terminals"][:, None]}
+    if reward_tune == "cql":
+        data["rewards"] = (data["rewards"] - 0.5) * 4.0
+    elif reward_tune == "normalize":
+        data["rewards"] = (data["rewards"] - data["rewards"].mean()) / data["rewards"].std()
+    return {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in data.items()}
+
+
+def reference_scores(dataset: minari.MinariDataset, dataset_id: str, domain: str) -> tuple[float, float]:
+    """D4RL's (min, max) return for the domain, else the dataset's own reference scores."""
+    if domain in D4RL_REF_SCORES:
+        return D4RL_REF_SCORES[domain]
+    metadata = dataset.storage.metadata
+    if metadata.get("ref_min_score") is None or metadata.get("ref_max_score") is None:
+        raise ValueError(f"{dataset_id}: no D4RL reference returns for {domain!r} and none in the dataset's metadata")
+    return metadata["ref_min_score"], metadata["ref_max_score"]
+
+
 def cuda_graphed(fn: Callable, warmup: int = 3) -> Callable:
-    """fn, replayed from a CUDA graph: per input shapes (and values of non-tensor inputs), `warmup` eager calls on a side
-    stream, then one capture; later calls copy their tensors into the graph's static inputs and replay it. fn must have
-    static shapes and no host synchronisation; its outputs are the graph's static outputs, overwritten by the next call."""
-    graphs, calls = {}, {}  # key -> (graph, static inputs, static outputs); key -> eager calls so far
+    """fn replayed from CUDA graphs by tensordict's CudaGraphModule, one graph per input shapes and host values
+    (the critics' coin; the number of evaluation envs), as a graph replays one shape and one branch."""
+    from tensordict.nn import CudaGraphModule
+
+    graphs = {}
 
     def graphed(*inputs):
         key = tuple(x.shape if torch.is_tensor(x) else x for x in inputs)
-        if key in graphs:
-            graph, static_inputs, static_outputs = graphs[key]
-            for static, x in zip(static_inputs, inputs, strict=True):
-                if torch.is_tensor(x):
-                    static.copy_(x)
-            graph.replay()
-            return static_outputs
-        if calls.get(key, 0) < warmup:  # warm up on a side stream, as capture requires (real calls, run once)
-            calls[key] = calls.get(key, 0) + 1
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                outputs = fn(*inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            return outputs
-        graph, static_inputs = torch.cuda.CUDAGraph(), [x.clone() if torch.is_tensor(x) else x for x in inputs]
-        with torch.cuda.graph(graph):  # records the kernels without running them: the replay below runs this call
-            static_outputs = fn(*static_inputs)
-        graphs[key] = (graph, static_inputs, static_outputs)
-        graph.replay()
-        return static_outputs
+        if key not in graphs:
+            graphs[key] = CudaGraphModule(fn, warmup=warmup)
+        return graphs[key](*inputs)
 
     return graphed
 
 
+def start_logging(args: Args, run_dir: str, progress: dict) -> SummaryWriter:
+    """wandb with --track (a resumed run continues its wandb run), syncing tensorboard, whose writer this returns."""
+    if args.track:
+        import wandb
+
+        run = wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=os.path.basename(os.path.normpath(run_dir)),
+            save_code=True,
+            id=progress["wandb_id"],
+            resume="allow",
+        )
+        progress["wandb_id"] = run.id
+    writer = SummaryWriter(run_dir, purge_step=progress["step"] + 1 if args.resume else None)  # drop what followed
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def stopwatch(progress: dict) -> Callable[[str], None]:
+    """charge(key) adds the seconds since the previous charge to progress[key]: training, evaluation and
+    compilation timed apart."""
+    last = [time.perf_counter()]
+
+    def charge(key: str):
+        now = time.perf_counter()
+        progress[key] += now - last[0]
+        last[0] = now
+
+    return charge
+
+
+def stop_requests() -> list[int]:
+    """SIGINT (Ctrl-C) and SIGTERM, received into the returned list: the loop finishes its update, checkpoints and
+    exits. A second signal stops at once."""
+    received = []
+
+    def request_stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print(f"{signal.Signals(signum).name}: checkpointing after this update (again to stop at once)", flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return received
+
+
+def log_losses(writer: SummaryWriter, losses: dict[str, torch.Tensor], progress: dict, args: Args):
+    """The losses to tensorboard and a progress line; a non-finite loss ends the run before anything is saved."""
+    step, losses = progress["step"], {name: loss.item() for name, loss in losses.items()}  # the only host sync
+    if not all(math.isfinite(value) for value in losses.values()):
+        writer.close()
+        last_step, last = progress["last_losses"]
+        raise SystemExit(
+            f"error: non-finite loss at update {step} ({format_losses(losses)}); the last finite losses, at update "
+            f"{last_step}: {format_losses(last)}. Nothing was saved after them. Lower --lr or --critic-lr, or clip "
+            "gradients with --grad-norm."
+        )
+    progress["last_losses"] = (step, losses)
+    for name, value in losses.items():
+        writer.add_scalar(f"losses/{name}", value, step)
+    updates_per_second = step / max(progress["train_seconds"], 1e-9)
+    writer.add_scalar("charts/updates_per_second", updates_per_second, step)
+    minutes_left = (args.total_steps - step) / updates_per_second / 60
+    print(
+        f"update {step}/{args.total_steps} | {updates_per_second:.1f} updates/s | ETA {minutes_left:.1f} min | "
+        f"critic {losses['critic_loss']:.3f} | bc {losses['bc_loss']:.3f} | q {losses['q_loss']:.3f}"
+    )
+
+
 def format_losses(losses: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4g}" for name, value in losses.items()) or "none yet"
+
+
+def save_checkpoint(run_dir: str, networks: dict, optimizers: dict, progress: dict, args: Args):
+    state = {name: module.state_dict() for name, module in (networks | optimizers).items()}
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    rng = {"rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
+    save_atomically(f"{run_dir}/checkpoint.pt", state | rng | {"progress": progress, "args": asdict(args)})
+
+
+def restore(saved: dict, networks: dict, optimizers: dict, resume: bool):
+    """The networks from a checkpoint or model; when resuming, also the optimizers and the RNG streams."""
+    for name, module in networks.items():
+        module.load_state_dict(saved[name])
+    if resume:
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(saved[name])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+
+def write_summary(run_dir: str, progress: dict, args: Args, dataset_id: str, device, **results) -> dict:
+    trained = progress["train_seconds"] > 0
+    updates_per_second = progress["step"] / progress["train_seconds"] if trained else None
+    summary = {"algorithm": args.exp_name, "env_id": args.env_id, "dataset_id": dataset_id, "seed": args.seed}
+    summary |= {"total_steps": progress["step"], **results, "num_candidates": args.num_candidates}
+    summary["best_normalized_score"] = max((score for _, score in progress["evaluations"]), default=None)
+    summary |= {key: progress[key] for key in ("train_seconds", "eval_seconds", "compile_seconds")}
+    summary["updates_per_second"] = updates_per_second
+    summary["hours_per_million_updates"] = 1e6 / updates_per_second / 3600 if trained else None
+    summary |= {"device": str(device), "threads": torch.get_num_threads()}
+    summary["resumed_from_step"] = progress["start_step"] if args.resume else None
+    summary |= {"evaluations": progress["evaluations"], "args": asdict(args)}
+    save_atomically(f"{run_dir}/summary.json", summary)
+    return summary
+
+
+def result_line(summary: dict, run_dir: str) -> str:
+    """The run's last line: final and best score; training time and speed, if it trained; decision frequency."""
+    line = f"{summary['dataset_id']}: normalized score {summary['normalized_score']:.1f} +- "
+    line += f"{summary['normalized_score_std']:.1f} (best {summary['best_normalized_score']:.1f}) | "
+    if summary["updates_per_second"]:
+        line += f"training {summary['train_seconds']:.0f} s, {summary['updates_per_second']:.1f} updates/s, "
+        line += f"{summary['hours_per_million_updates']:.2f} h per 1M updates | "
+    return line + f"{summary['decision_hz']:.1f} decisions/s | {run_dir}/summary.json"
 
 
 def save_atomically(path: str, content: dict):
@@ -621,30 +831,14 @@ def save_atomically(path: str, content: dict):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    saved = None  # a checkpoint to resume, or a model to evaluate
-    if args.resume:  # the run's own arguments, except where and how to run
-        checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.isfile(checkpoint_path):
-            raise SystemExit(
-                f"error: --resume {args.resume}: no checkpoint.pt there (written on SIGINT/SIGTERM and every --checkpoint-freq updates)"
-            )
-        saved = torch.load(checkpoint_path, map_location="cpu")
-        args = Args(**saved["args"] | {k: getattr(args, k) for k in ("resume", "cuda", "threads", "track", "compile", "cudagraphs")})
-    if args.eval_only and not (args.checkpoint and os.path.isfile(args.checkpoint)):
-        raise SystemExit(
-            f"error: --eval-only needs --checkpoint PATH, a model.pt written by --save-model (or a checkpoint.pt); got {args.checkpoint}"
-        )
-    try:
-        dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    args = task_defaults(args)
+    args, saved, dataset_id = parse_args()  # checked; with --resume, the run's own flags under the command line's
     args.eval_steps = args.eval_steps or args.diffusion_steps
-    if args.eval_sampler == "ddpm" and args.eval_steps != args.diffusion_steps or not 1 <= args.eval_steps <= args.diffusion_steps:
-        raise SystemExit(f"error: --eval-steps {args.eval_steps}: ddpm takes all T = {args.diffusion_steps} steps, ddim 1 to T")
+    if args.eval_sampler == "ddpm" and args.eval_steps != args.diffusion_steps:
+        raise SystemExit(
+            f"error: --eval-steps {args.eval_steps}: ddpm takes all T = {args.diffusion_steps} steps; "
+            "fewer need --eval-sampler ddim"
+        )
     run_dir = args.resume or f"runs/{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = os.path.basename(os.path.normpath(run_dir))
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -654,39 +848,15 @@ if __name__ == "__main__":
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cudagraphs and device.type != "cuda":
-        raise SystemExit("error: --cudagraphs needs a CUDA GPU (and --cuda); on CPU, use --compile")
 
-    # data setup: transitions on the device, the env the data was recorded on for evaluation
+    # data: transitions on the device; for evaluation, the env the data was recorded on
     try:
         transitions, make_env, action_space, (ref_min, ref_max) = load_task(args, dataset_id)
         data = dataset_to_tensors(transitions, args.reward_tune, device)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    num_transitions = data["obs"].shape[0]
     obs_dim, action_dim = data["obs"].shape[1], data["actions"].shape[1]
-    print(f"{dataset_id}: {num_transitions:,} transitions, obs_dim {obs_dim}, action_dim {action_dim}, device {device}")
-
-    wandb_id = saved["wandb_id"] if saved else None
-    if args.track:
-        import wandb
-
-        wandb_id = wandb_id or wandb.util.generate_id()
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-            id=wandb_id,
-            resume="allow",
-        )
-    # logging: only now that the data loaded, so that a failed start leaves no run folder behind
-    start_step = saved["step"] if saved else 0
-    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if saved else None)  # drop what was logged after the checkpoint
-    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    print(f"{dataset_id}: {len(data['obs']):,} transitions, obs_dim {obs_dim}, action_dim {action_dim}, {device}")
 
     actor = Actor(obs_dim, action_dim, action_space.low, action_space.high, args.diffusion_steps).to(device)
     actor_target = Actor(obs_dim, action_dim, action_space.low, action_space.high, args.diffusion_steps).to(device)
@@ -694,211 +864,88 @@ if __name__ == "__main__":
     critic = Critic(obs_dim, action_dim).to(device)
     critic_target = Critic(obs_dim, action_dim).to(device)
     critic_target.load_state_dict(critic.state_dict())
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)  # one kernel per step (CPU and GPU), no host sync
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)  # one kernel, no host sync
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
-    networks = {"actor": actor, "critic": critic, "critic_target": critic_target}
-    networks["actor_target"] = actor_target  # checkpointed, saved and loaded like the others
+    networks = {"actor": actor, "actor_target": actor_target, "critic": critic, "critic_target": critic_target}
     optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
+    if saved:  # --resume: networks, optimizers, RNG; --eval-only: networks
+        restore(saved, networks, optimizers, resume=bool(args.resume))
+    progress = saved["progress"] if args.resume else {"step": 0, "evaluations": [], "wandb_id": None}
+    progress |= {"start_step": progress["step"], "last_losses": (progress["step"], {})}
+    for key in ("train_seconds", "eval_seconds", "compile_seconds"):
+        progress.setdefault(key, 0.0)
+    if args.eval_only:
+        args.total_steps = 0
 
-    def policy(obs: torch.Tensor) -> torch.Tensor:
-        return select_actions(actor, critic_target, obs, args.num_candidates, args.eval_sampler, args.eval_steps)
+    # logging: only now that the data loaded, so that a failed start leaves no run folder behind
+    writer = start_logging(args, run_dir, progress)
+    if args.resume:
+        print(f"resuming {run_dir} from update {progress['step']}")
 
-    def normalized(returns: np.ndarray) -> np.ndarray:
-        return 100 * (returns - ref_min) / (ref_max - ref_min)
-
-    # ALGO LOGIC: one training update, a function of tensors with static shapes and no host synchronisation
-    def update(obs, actions, rewards, next_obs, terminals, swap: bool) -> dict[str, torch.Tensor]:
-        # critic: clipped double-Q target (Eq. 7) with next actions from the EMA target actor
-        with torch.no_grad():
-            if args.max_q_backup:  # 10 next actions per s': max per critic, then min over critics
-                next_obs_rep = next_obs.repeat_interleave(10, dim=0)
-                next_q1, next_q2 = critic_target(next_obs_rep, sample_actions(actor_target, next_obs_rep))
-                next_q = torch.min(next_q1.view(-1, 10).amax(1, keepdim=True), next_q2.view(-1, 10).amax(1, keepdim=True))
-            else:
-                next_q = critic_target.q_min(next_obs, sample_actions(actor_target, next_obs))
-            target_q = rewards + (1 - terminals) * args.gamma * next_q
-        current_q1, current_q2 = critic(obs, actions)
-        critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)
-        critic_optimizer.zero_grad()
-        critic_loss.backward()
-        if args.grad_norm > 0:
-            nn.utils.clip_grad_norm_(critic.parameters(), max_norm=args.grad_norm)
-        critic_optimizer.step()
-
-        # actor: DDPM BC (Eq. 6) - eta * Q / |Q| (Eq. 8), the Q term through all T denoising steps (BPTT)
-        t = torch.randint(args.diffusion_steps, (obs.shape[0],), device=obs.device)  # uniform over {0..T-1}
-        bc_loss = diffusion_loss(actor, obs, actions, t, torch.randn_like(actions))
-        q1, q2 = critic(obs, sample_actions(actor, obs))
-        q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other for its scale
-        q_loss = -q.mean() / q_scale.abs().mean().detach()
-        actor_loss = bc_loss + args.eta * q_loss
-        actor_optimizer.zero_grad()
-        actor_loss.backward(inputs=list(actor.parameters()))  # the critic only passes the Q gradient on: no weight gradients
-        if args.grad_norm > 0:
-            nn.utils.clip_grad_norm_(actor.parameters(), max_norm=args.grad_norm)
-        actor_optimizer.step()
-
-        # target critic: Polyak averaging, fused
-        with torch.no_grad():
-            torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
-        return {"critic_loss": critic_loss, "bc_loss": bc_loss, "q_loss": q_loss, "actor_loss": actor_loss, "q_mean": current_q1.mean()}
-
-    def update_actor_target(step: int):
-        """EMA target actor (Eq. 7) every `ema_every` updates from `ema_start`; until then it keeps its initial weights."""
-        if step >= args.ema_start and step % args.ema_every == 0:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), 1 - args.ema_decay)
-
+    train_step = partial(update, networks, optimizers, args)
+    policy = partial(select_actions, actor, critic_target, num_candidates=args.num_candidates)
+    policy = partial(policy, sampler=args.eval_sampler, steps=args.eval_steps)
     if args.compile:
         import torch._inductor.config
 
-        torch._inductor.config.fallback_random = True  # draw from torch's generator as eager mode does: same stream, resumable
-        update, policy = torch.compile(update), torch.compile(policy)
+        torch._inductor.config.fallback_random = True  # torch's own RNG stream, as in eager mode: resumable
+        train_step, policy = torch.compile(train_step), torch.compile(policy)
     if args.cudagraphs:
-        update, policy = cuda_graphed(update), cuda_graphed(policy)
-
-    if args.eval_only:
-        saved = torch.load(args.checkpoint, map_location=device)
-        args.total_steps = 0
-    if saved:  # the networks; when resuming also the optimizers and the RNG
-        for name, module in networks.items():
-            module.load_state_dict(saved[name])
-    if args.resume:
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(saved[name])
-        torch.set_rng_state(saved["rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        print(f"resuming {run_dir} from update {start_step}")
-
-    evaluations = saved["evaluations"] if args.resume else []  # (update, normalized score)
-    train_seconds = saved["train_seconds"] if args.resume else 0.0
+        train_step, policy = cuda_graphed(train_step), cuda_graphed(policy)
 
     def evaluate_and_log(step: int, num_episodes: int) -> np.ndarray:
-        scores = normalized(evaluate(policy, make_env, num_episodes, args.max_eval_envs, args.seed + step, device))
-        evaluations.append((step, float(scores.mean())))
+        returns = evaluate(policy, make_env, num_episodes, args.max_eval_envs, args.seed + step, device)
+        scores = 100 * (returns - ref_min) / (ref_max - ref_min)
+        progress["evaluations"].append((step, float(scores.mean())))
         writer.add_scalar("charts/normalized_score", scores.mean(), step)
         print(f"update {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f} over {len(scores)} episodes")
         return scores
 
-    def write_summary(step: int, **results) -> dict:
-        updates_per_second = step / train_seconds if train_seconds > 0 else 0.0
-        summary = {
-            "algorithm": args.exp_name,
-            "env_id": args.env_id,
-            "dataset_id": dataset_id,
-            "seed": args.seed,
-            "total_steps": step,
-            **results,
-            "best_normalized_score": max((score for _, score in evaluations), default=None),
-            "train_seconds": train_seconds,
-            "updates_per_second": updates_per_second,
-            "hours_per_million_updates": 1e6 / updates_per_second / 3600 if updates_per_second > 0 else None,
-            "compile_seconds": compile_seconds,
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "resumed_from_step": start_step if args.resume else None,
-            "evaluations": evaluations,
-            "args": asdict(args),
-        }
-        save_atomically(f"{run_dir}/summary.json", summary)
-        return summary
-
-    def save_checkpoint(step: int):
-        state = {name: module.state_dict() for name, module in (networks | optimizers).items()}
-        rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-        progress = {"step": step, "train_seconds": train_seconds, "evaluations": evaluations, "wandb_id": wandb_id, "args": asdict(args)}
-        save_atomically(f"{run_dir}/checkpoint.pt", state | rng | progress)
-
-    # SIGINT (Ctrl-C) or SIGTERM: finish the current update, checkpoint, write the summary so far, exit
-    stop_signals = []
-
-    def request_stop(signum, frame):
-        if stop_signals:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        stop_signals.append(signum)
-        print(f"{signal.Signals(signum).name}: checkpointing after this update (again to stop at once)", flush=True)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
     # TRY NOT TO MODIFY: the training loop
-    compile_seconds, compiled = 0.0, set()  # compile time, coins compiled for
-    first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # first update with a non-finite loss (0: none yet)
-    last_finite = (start_step, {})  # the last losses read on the host, all finite
-    start_time = time.perf_counter()
-    for step in range(start_step + 1, args.total_steps + 1):
-        idx = torch.randint(num_transitions, (args.batch_size,), device=device)
-        swap = bool(torch.rand(()) < 0.5)  # the critics' order, a host coin (CPU generator, no sync): backward through one critic
-        losses = update(*(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals")), swap)
-        update_actor_target(step)
-        finite = torch.stack(list(losses.values())).isfinite().all()
-        first_nonfinite = torch.where(finite | (first_nonfinite > 0), first_nonfinite, step)  # on the device: no sync
-        if args.compile and swap not in compiled:  # the first call for each coin compiles: timed apart from training
+    stop_signals, charge, compiled = stop_requests(), stopwatch(progress), set()
+    for step in range(progress["step"] + 1, args.total_steps + 1):
+        idx = torch.randint(len(data["obs"]), (args.batch_size,), device=device)
+        swap = bool(torch.rand(()) < 0.5)  # which critic gives Q: a host coin (CPU generator), no device sync
+        losses = train_step(*(data[key][idx] for key in BATCH_KEYS), swap)
+        update_actor_target(actor_target, actor, step, args)
+        progress["step"] = step
+        if args.compile and swap not in compiled:  # the first call for each coin compiles: timed apart
             compiled.add(swap)
-            compile_seconds, start_time = compile_seconds + time.perf_counter() - start_time, time.perf_counter()
+            charge("compile_seconds")
 
         if step % args.eval_freq == 0 and step < args.total_steps:
-            train_seconds += time.perf_counter() - start_time
+            charge("train_seconds")
             evaluate_and_log(step, args.eval_episodes)
-            start_time = time.perf_counter()
-
-        stopping = bool(stop_signals)  # read once: a signal that comes later in this block is handled after the next update
-        checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
-        if step % args.log_freq == 0 or step == args.total_steps or checkpoint_now:
-            losses = {k: v.item() for k, v in losses.items()}  # the only host synchronisation
-            train_seconds += time.perf_counter() - start_time
-            start_time = time.perf_counter()
-            if first_nonfinite.item() > 0:  # stop before anything is saved: the last checkpoint stays intact
-                writer.close()
-                raise SystemExit(
-                    f"error: non-finite loss at update {first_nonfinite.item()} (at update {step}: {format_losses(losses)}); the last "
-                    f"finite losses, at update {last_finite[0]}: {format_losses(last_finite[1])}. Nothing was saved after them. "
-                    "Lower --lr or --critic-lr, or clip gradients with --grad-norm."
-                )
-            last_finite = (step, losses)
-            for k, v in losses.items():
-                writer.add_scalar(f"losses/{k}", v, step)
-            updates_per_second = step / train_seconds
-            writer.add_scalar("charts/updates_per_second", updates_per_second, step)
-            eta_minutes = (args.total_steps - step) / updates_per_second / 60
-            print(
-                f"update {step}/{args.total_steps} | {updates_per_second:.1f} updates/s | ETA {eta_minutes:.1f} min | "
-                f"critic {losses['critic_loss']:.3f} | bc {losses['bc_loss']:.3f} | q {losses['q_loss']:.3f}"
-            )
-            if checkpoint_now:  # after this update's evaluation, which draws from the same RNG
-                save_checkpoint(step)
-            if stopping:
-                write_summary(step, interrupted_at_step=step)
-                writer.close()
-                print(f"stopped at update {step}; continue with: python {sys.argv[0]} --resume {run_dir}")
-                sys.exit(128 + stop_signals[0])
+            charge("eval_seconds")
+        stopping = bool(stop_signals)  # read once: a later signal is handled after the next update
+        checkpointing = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+        if step % args.log_freq == 0 or step == args.total_steps or checkpointing:
+            charge("train_seconds")
+            log_losses(writer, losses, progress, args)
+        if checkpointing:  # after this update's evaluation, which draws from the same RNG
+            save_checkpoint(run_dir, networks, optimizers, progress, args)
+        if stopping:
+            write_summary(run_dir, progress, args, dataset_id, device, interrupted_at_step=step)
+            writer.close()
+            print(f"stopped at update {step}; continue with: python {sys.argv[0]} --resume {run_dir}")
+            sys.exit(128 + stop_signals[0])
 
     if args.save_model:
-        save_atomically(f"{run_dir}/model.pt", {name: module.state_dict() for name, module in networks.items()} | {"args": asdict(args)})
+        model = {name: module.state_dict() for name, module in networks.items()} | {"args": asdict(args)}
+        save_atomically(f"{run_dir}/model.pt", model)
         print(f"model saved to {run_dir}/model.pt")
 
     # final evaluation, decision frequency and summary
     scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)
     decision_hz = decision_frequency(policy, data["obs"])
-    returns = scores / 100 * (ref_max - ref_min) + ref_min
-    summary = write_summary(
-        args.total_steps,
-        normalized_score=float(scores.mean()),
-        normalized_score_std=float(scores.std()),
-        return_mean=float(returns.mean()),
-        eval_episodes=len(scores),
-        num_candidates=args.num_candidates,
-        eval_sampler=args.eval_sampler,
-        eval_steps=args.eval_steps,
-        decision_hz=decision_hz,
-    )
     writer.add_scalar("charts/decision_hz", decision_hz, args.total_steps)
-    print(
-        f"{dataset_id}: normalized score {summary['normalized_score']:.1f} +- {summary['normalized_score_std']:.1f} "
-        f"(best {summary['best_normalized_score']:.1f}) | training {train_seconds:.0f} s, {summary['updates_per_second']:.1f} updates/s, "
-        f"{summary['hours_per_million_updates'] or 0:.2f} h per 1M updates | {decision_hz:.1f} decisions/s | {run_dir}/summary.json"
-    )
+    final = dict(normalized_score=float(scores.mean()), normalized_score_std=float(scores.std()))
+    final |= dict(return_mean=float(scores.mean() / 100 * (ref_max - ref_min) + ref_min), eval_episodes=len(scores))
+    final |= dict(eval_sampler=args.eval_sampler, eval_steps=args.eval_steps)
+    summary = write_summary(run_dir, progress, args, dataset_id, device, **final, decision_hz=decision_hz)
+    print(result_line(summary, run_dir))
     writer.close()
     if args.track:
+        import wandb
+
         wandb.finish()

@@ -466,14 +466,14 @@ def task_name(env_id: str) -> str:
 
 
 def task_defaults(args: Args) -> tuple[Args, str]:
-    """Every None field of TASK_FIELDS filled from the task's row (the command line wins), and a line saying so."""
+    """Every None field of TASK_FIELDS filled from the task's row, and a line saying which row and what differs."""
     task = task_name(args.env_id)
     row = task if task in TASKS else DOMAIN_ROWS.get(task.split("-")[0], DEFAULT_TASK)
-    given = [field for field in TASK_FIELDS if getattr(args, field) is not None]
     args = replace(args, **{f: v for f, v in zip(TASK_FIELDS, TASKS[row], strict=True) if getattr(args, f) is None})
+    differ = [f for f, v in zip(TASK_FIELDS, TASKS[row], strict=True) if getattr(args, f) != v]  # set by a flag
     values = ", ".join(f"{field} {getattr(args, field)}" for field in TASK_FIELDS)
     source = f"task row {row}" if row == task else f"{task} has no row in TASKS, borrowing {row}'s"
-    return args, f"{source}: {values}" + (f" (from the command line: {', '.join(given)})" if given else "")
+    return args, f"{source}: {values}" + (f" (not the row's: {', '.join(differ)})" if differ else "")
 
 
 def check_args(args: Args):

@@ -45,9 +45,24 @@ def run_once(name: str, args) -> dict | None:
     """One run of a script (or of the reference code) in a temporary folder; its summary.json plus peak memory."""
     common = ["--env-id", args.env_id, "--threads", str(args.threads), "--cuda" if args.cuda else "--no-cuda"]
     if name == REFERENCE:
-        cmd = [sys.executable, __file__, "--run-reference", "--reference-dir", args.reference_dir, "--updates", str(args.updates)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--run-reference",
+            "--reference-dir",
+            args.reference_dir,
+            "--updates",
+            str(args.updates),
+        ]
     else:
-        cmd = [sys.executable, str(REPO / f"{name}.py"), "--total-steps", str(args.updates), "--log-freq", str(args.updates)]
+        cmd = [
+            sys.executable,
+            str(REPO / f"{name}.py"),
+            "--total-steps",
+            str(args.updates),
+            "--log-freq",
+            str(args.updates),
+        ]
         # a multiple of --updates: no periodic evaluation, and ofql_jax.py keeps its updates per call (a gcd with it)
         cmd += ["--eval-freq", str(2 * args.updates), "--final-eval-episodes", "1", "--max-eval-envs", "1"]
         cmd += shlex.split(args.extra_flags) if name != "ofql_jax" else []
@@ -89,7 +104,13 @@ def run_reference(args):
 
         def sample(self, batch_size):
             ind = torch.randint(0, len(data["obs"]), (batch_size,))
-            batch = (data["obs"], data["actions"], data["next_obs"], data["rewards"][:, None], 1.0 - data["terminals"][:, None])
+            batch = (
+                data["obs"],
+                data["actions"],
+                data["next_obs"],
+                data["rewards"][:, None],
+                1.0 - data["terminals"][:, None],
+            )
             return tuple(x[ind].to(device) for x in batch)
 
     obs_dim, action_dim = data["obs"].shape[1], data["actions"].shape[1]
@@ -110,7 +131,11 @@ def run_reference(args):
     for _ in range(100):
         agent.sample_action(state)  # 50 candidates, softmax pick over min-Q, result on the host
     decision_hz = 100 / (time.perf_counter() - start)
-    summary = {"updates_per_second": args.updates / train_seconds, "decision_hz": decision_hz, "train_seconds": train_seconds}
+    summary = {
+        "updates_per_second": args.updates / train_seconds,
+        "decision_hz": decision_hz,
+        "train_seconds": train_seconds,
+    }
     os.makedirs("runs/reference")
     with open("runs/reference/summary.json", "w") as f:
         json.dump(summary | {"device": str(device), "threads": torch.get_num_threads()}, f, indent=2)
@@ -119,7 +144,10 @@ def run_reference(args):
 def machine_info(args, results: dict) -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     devices = sorted({run["device"] for runs in results.values() for run in runs})
     return (
         f"{cpu}, nproc {len(os.sched_getaffinity(0))}, torch {torch.__version__}, threads {args.threads}, "
@@ -147,7 +175,11 @@ def table(results: dict, baseline: str = "dql") -> str:
         if not runs:
             lines.append(f"| {name} | failed |" + " |" * (head.count("|") - 3))
             continue
-        ups, hz, compile_s = median(name, "updates_per_second"), median(name, "decision_hz"), median(name, "compile_seconds")
+        ups, hz, compile_s = (
+            median(name, "updates_per_second"),
+            median(name, "decision_hz"),
+            median(name, "compile_seconds"),
+        )
         label = name if name == REFERENCE else f"{name}.py"
         lines.append(
             f"| {label} | {ups:.1f} | {spread(name, 'updates_per_second')} | {hz:.1f} | {spread(name, 'decision_hz')} | "
@@ -161,16 +193,24 @@ def table(results: dict, baseline: str = "dql") -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scripts", nargs="+", default=["dql", "fql", "ofql", "ofql_jax"], help="script names, without .py")
+    parser.add_argument(
+        "--scripts", nargs="+", default=["dql", "fql", "ofql", "ofql_jax"], help="script names, without .py"
+    )
     parser.add_argument("--updates", type=int, default=2000, help="gradient updates per run")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each script, interleaved")
     parser.add_argument(
-        "--env-id", default="sac/hopper/medium-replay-v0", help="Minari dataset id (MINARI_DATASETS_PATH from the environment)"
+        "--env-id",
+        default="sac/hopper/medium-replay-v0",
+        help="Minari dataset id (MINARI_DATASETS_PATH from the environment)",
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads, passed through as --threads")
-    parser.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=False, help="--cuda or --no-cuda to every script")
+    parser.add_argument(
+        "--cuda", action=argparse.BooleanOptionalAction, default=False, help="--cuda or --no-cuda to every script"
+    )
     parser.add_argument("--extra-flags", default="", help='flags for the torch scripts, e.g. --extra-flags="--compile"')
-    parser.add_argument("--reference-dir", help="a checkout of Diffusion-Policies-for-Offline-RL: also time its DQL agent")
+    parser.add_argument(
+        "--reference-dir", help="a checkout of Diffusion-Policies-for-Offline-RL: also time its DQL agent"
+    )
     parser.add_argument("--run-reference", action="store_true", help=argparse.SUPPRESS)  # internal: the reference child
     args = parser.parse_args()
     if args.run_reference:

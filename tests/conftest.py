@@ -94,7 +94,9 @@ def medium_and_expert(minari_path) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
-def write_d4rl_file(path: Path, episodes: list[EpisodeBuffer], with_next_observations: bool = False, drop: str = "") -> Path:
+def write_d4rl_file(
+    path: Path, episodes: list[EpisodeBuffer], with_next_observations: bool = False, drop: str = ""
+) -> Path:
     """D4RL's hdf5 layout: one row per step, episodes back to back, each episode's last observation not stored."""
     columns = {
         "observations": np.concatenate([e.observations[:-1] for e in episodes]),
@@ -115,7 +117,9 @@ def write_d4rl_file(path: Path, episodes: list[EpisodeBuffer], with_next_observa
 @pytest.fixture(scope="session")
 def d4rl_file(tmp_path_factory) -> Path:
     """A hopper file in D4RL's layout (no next_observations, as in D4RL's v2 MuJoCo files)."""
-    return write_d4rl_file(tmp_path_factory.mktemp("d4rl") / "hopper_medium_replay-v2.hdf5", hopper_episodes(30, seed=1))
+    return write_d4rl_file(
+        tmp_path_factory.mktemp("d4rl") / "hopper_medium_replay-v2.hdf5", hopper_episodes(30, seed=1)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -134,5 +138,11 @@ def pen_dataset(minari_path) -> str:
     gymnasium_robotics = pytest.importorskip("gymnasium_robotics")
     gym.register_envs(gymnasium_robotics)
     env = gym.make("AdroitHandPen-v1", max_episode_steps=20)
-    create_dataset(PEN_DATASET_ID, random_episodes(env, num_episodes=4, seed=0), env.spec, ref_min_score=-10.0, ref_max_score=3000.0)
+    create_dataset(
+        PEN_DATASET_ID,
+        random_episodes(env, num_episodes=4, seed=0),
+        env.spec,
+        ref_min_score=-10.0,
+        ref_max_score=3000.0,
+    )
     return PEN_DATASET_ID

@@ -1,5 +1,5 @@
-"""Tests of dql.py: the "vp" schedule, DDPM and DDIM sampling, BPTT through every step, an end-to-end run,
-and SIGTERM + --resume with the EMA target actor."""
+"""Tests of dql.py: the "vp" schedule, DDPM and DDIM sampling, BPTT through every step, an end-to-end run with the
+EMA target actor, and the ddpm step count. SIGTERM + --resume with the target actor: tests/test_robustness.py."""
 
 import json
 import subprocess
@@ -126,7 +126,16 @@ SUMMARY_KEYS = (
 
 
 def run_dql(tmp_path, *flags: str, check: bool = True) -> dict:
-    command = [sys.executable, str(ROOT / "dql.py"), "--env-id", HOPPER_DATASET_ID, "--no-cuda", "--threads", "1", *flags]
+    command = [
+        sys.executable,
+        str(ROOT / "dql.py"),
+        "--env-id",
+        HOPPER_DATASET_ID,
+        "--no-cuda",
+        "--threads",
+        "1",
+        *flags,
+    ]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     if not check:
         return {"returncode": run.returncode, "stderr": run.stderr}
@@ -162,5 +171,12 @@ def test_end_to_end_run_and_one_step_ddim_evaluation(minari_path, tmp_path):
     assert (evaluation["eval_sampler"], evaluation["eval_steps"], evaluation["total_steps"]) == ("ddim", 1, 0)
     assert np.isfinite(evaluation["normalized_score"]) and evaluation["decision_hz"] > 0
 
-    failed = run_dql(tmp_path, "--eval-steps", "1", check=False)  # ddpm cannot skip steps
-    assert failed["returncode"] != 0 and "ddpm takes all T = 5 steps" in failed["stderr"] and "Traceback" not in failed["stderr"]
+
+def test_ddpm_with_fewer_eval_steps_fails_at_once(tmp_path):
+    """ddpm cannot skip steps: one line naming the fix, before any data is read or any run folder is made."""
+    failed = run_dql(tmp_path, "--eval-steps", "1", check=False)
+    assert failed["returncode"] != 0 and "Traceback" not in failed["stderr"], failed["stderr"][-2000:]
+    assert failed["stderr"].strip().splitlines() == [
+        "error: --eval-steps 1: ddpm takes all T = 5 steps; fewer need --eval-sampler ddim"
+    ]
+    assert not (tmp_path / "runs").exists()

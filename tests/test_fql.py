@@ -1,5 +1,5 @@
-"""Tests of fql.py: the flow matching loss, Euler sampling, BPTT through every step, an end-to-end run,
-and SIGTERM + --resume with the EMA target actor."""
+"""Tests of fql.py: the flow matching loss, Euler sampling, BPTT through every step, an end-to-end run with the
+EMA target actor. SIGTERM + --resume with the target actor: tests/test_robustness.py."""
 
 import json
 import subprocess
@@ -94,7 +94,16 @@ SUMMARY_KEYS = (
 
 
 def run_fql(tmp_path, *flags: str) -> dict:
-    command = [sys.executable, str(ROOT / "fql.py"), "--env-id", HOPPER_DATASET_ID, "--no-cuda", "--threads", "1", *flags]
+    command = [
+        sys.executable,
+        str(ROOT / "fql.py"),
+        "--env-id",
+        HOPPER_DATASET_ID,
+        "--no-cuda",
+        "--threads",
+        "1",
+        *flags,
+    ]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (summary_path,) = sorted(tmp_path.glob("runs/*/summary.json"), key=lambda p: p.stat().st_mtime)[-1:]
@@ -122,7 +131,14 @@ def test_end_to_end_run_and_one_step_evaluation(minari_path, tmp_path):
 
     # the paper's ablation "FQL (1)": trained with 5 Euler steps, evaluated with one
     evaluation = run_fql(
-        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.pt"), "--final-eval-episodes", "2", "--eval-steps", "1"
+        tmp_path,
+        "--eval-only",
+        "--checkpoint",
+        str(summary["run_dir"] / "model.pt"),
+        "--final-eval-episodes",
+        "2",
+        "--eval-steps",
+        "1",
     )
     assert (evaluation["eval_steps"], evaluation["total_steps"]) == (1, 0)
     assert np.isfinite(evaluation["normalized_score"]) and evaluation["decision_hz"] > 0

@@ -1,6 +1,7 @@
 """Tests of ofql_jax.py: the same tables as ofql.py, the JVP target, agreement with ofql.py's torch code, an end-to-end run."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -35,17 +36,26 @@ def torch_to_flax(named_tensors) -> dict:
 
 
 def test_tables_and_names_are_ofqls():
-    assert ofql_jax.TASKS == ofql.TASKS and ofql_jax.DOMAIN_DEFAULTS == ofql.DOMAIN_DEFAULTS
+    assert ofql_jax.TASKS == ofql.TASKS and ofql_jax.DOMAIN_ROWS == ofql.DOMAIN_ROWS
+    assert ofql_jax.TASK_FIELDS == ofql.TASK_FIELDS and ofql_jax.DEFAULT_TASK == ofql.DEFAULT_TASK
     assert ofql_jax.D4RL_TO_MINARI == ofql.D4RL_TO_MINARI and ofql_jax.D4RL_REF_SCORES == ofql.D4RL_REF_SCORES
-    assert ofql_jax.COMBINED_DATASETS == ofql.COMBINED_DATASETS and ofql_jax.D4RL_FILE_ENVS == ofql.D4RL_FILE_ENVS
+    assert ofql_jax.COMBINED == ofql.COMBINED and ofql_jax.D4RL_FILE_ENVS == ofql.D4RL_FILE_ENVS
+    assert ofql_jax.RANGES == ofql.RANGES | {"updates_per_call": "[1, inf)"}
     assert ofql_jax.resolve_dataset_id("hopper-medium-v2") == "mujoco/hopper/medium-v0"
     with pytest.raises(ValueError, match="Did you mean: hopper-medium"):
         ofql_jax.resolve_dataset_id("hoper-medium-v2")
     with pytest.raises(ValueError, match="--dataset-path hopper_medium_replay-v2.hdf5"):
         ofql_jax.resolve_dataset_id("hopper-medium-replay-v2")
     assert ofql_jax.resolve_dataset_id("walker2d-medium-expert-v2") == "mujoco/walker2d/medium-expert-v0"
-    args = ofql_jax.task_defaults(ofql_jax.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))
-    assert (args.eta, args.max_q_backup, args.lr, args.reward_tune, args.total_steps) == (0.3, True, 1e-3, "cql", 1_000_000)
+    args, line = ofql_jax.task_defaults(ofql_jax.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))
+    assert line == ofql.task_defaults(ofql.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))[1]
+    assert (args.eta, args.max_q_backup, args.lr, args.reward_tune, args.total_steps) == (
+        0.3,
+        True,
+        1e-3,
+        "cql",
+        1_000_000,
+    )
 
 
 def test_dataset_arrays_equal_ofqls(minari_path):
@@ -62,11 +72,17 @@ def test_d4rl_file_and_nested_observations_read_as_ofqls(tmp_path):
     timeouts[9], terminals[15] = True, True
     path = str(tmp_path / "hopper_medium_replay-v2.hdf5")
     with h5py.File(path, "w") as f:
-        arrays = dict(observations=rng.standard_normal((20, 11)), actions=rng.uniform(-1, 1, (20, 3)), rewards=rng.standard_normal(20))
+        arrays = dict(
+            observations=rng.standard_normal((20, 11)),
+            actions=rng.uniform(-1, 1, (20, 3)),
+            rewards=rng.standard_normal(20),
+        )
         for name, value in (arrays | dict(terminals=terminals, timeouts=timeouts)).items():
             f.create_dataset(name, data=value)
     transitions, expected = ofql_jax.d4rl_transitions(path), ofql.d4rl_transitions(path)
-    assert transitions.keys() == expected.keys() and len(transitions["obs"]) == 18  # the timeout row and the last are dropped
+    assert (
+        transitions.keys() == expected.keys() and len(transitions["obs"]) == 18
+    )  # the timeout row and the last are dropped
     for key, value in expected.items():
         np.testing.assert_array_equal(transitions[key], value, err_msg=key)
     with pytest.raises(ValueError, match="no such file"):
@@ -80,13 +96,18 @@ def test_mean_flow_target_matches_finite_differences():
     with jax.enable_x64(True):
         actor = ofql_jax.Actor(3, (-1.0,) * 3, (1.0,) * 3)
         keys = jax.random.split(jax.random.PRNGKey(0), 6)
-        a_t, v, obs = (jax.random.normal(k, shape, jnp.float64) for k, shape in zip(keys[:3], [(8, 3), (8, 3), (8, 5)], strict=True))
+        a_t, v, obs = (
+            jax.random.normal(k, shape, jnp.float64)
+            for k, shape in zip(keys[:3], [(8, 3), (8, 3), (8, 5)], strict=True)
+        )
         t = jax.random.uniform(keys[3], (8,), jnp.float64)
         r = t * jax.random.uniform(keys[4], (8,), jnp.float64)
         params = jax.tree.map(lambda p: p.astype(jnp.float64), actor.init(keys[5], a_t, r, t, obs))
         u_tgt = ofql_jax.mean_flow_target(actor, params, a_t, r, t, obs, v)
         h = 1e-6  # move along the trajectory: a_t by h v, t by h, r fixed
-        du_dt = (actor.apply(params, a_t + h * v, r, t + h, obs) - actor.apply(params, a_t - h * v, r, t - h, obs)) / (2 * h)
+        du_dt = (actor.apply(params, a_t + h * v, r, t + h, obs) - actor.apply(params, a_t - h * v, r, t - h, obs)) / (
+            2 * h
+        )
         expected = v - (t - r)[:, None] * du_dt
         assert u_tgt.dtype == jnp.float64
         np.testing.assert_allclose(u_tgt, expected, rtol=1e-6, atol=1e-8)
@@ -109,14 +130,24 @@ def test_losses_and_actions_agree_with_ofql(monkeypatch):
     torch.manual_seed(0)
     torch_actor, torch_critic = ofql.Actor(obs_dim, action_dim, low, high), ofql.Critic(obs_dim, action_dim)
     actor, critic = ofql_jax.Actor(action_dim, tuple(low), tuple(high)), ofql_jax.Critic()
-    actor_params, critic_params = torch_to_flax(torch_actor.named_parameters()), torch_to_flax(torch_critic.named_parameters())
+    actor_params, critic_params = (
+        torch_to_flax(torch_actor.named_parameters()),
+        torch_to_flax(torch_critic.named_parameters()),
+    )
     obs, actions, target_q = torch.randn(batch, obs_dim), torch.rand(batch, action_dim) * 2 - 1, torch.randn(batch, 1)
     noise = torch.randn(batch, action_dim)
     t, r = ofql.sample_time_pairs(batch, 0.5, -0.4, 1.0, torch.device("cpu"))
-    j = {name: jnp.asarray(x.numpy()) for name, x in dict(obs=obs, actions=actions, target_q=target_q, noise=noise, t=t, r=r).items()}
+    j = {
+        name: jnp.asarray(x.numpy())
+        for name, x in dict(obs=obs, actions=actions, target_q=target_q, noise=noise, t=t, r=r).items()
+    }
     # the converter fills exactly flax's own parameter tree
-    assert jax.tree.structure(actor_params) == jax.tree.structure(actor.init(jax.random.PRNGKey(0), j["actions"], j["t"], j["r"], j["obs"]))
-    assert jax.tree.structure(critic_params) == jax.tree.structure(critic.init(jax.random.PRNGKey(0), j["obs"], j["actions"]))
+    assert jax.tree.structure(actor_params) == jax.tree.structure(
+        actor.init(jax.random.PRNGKey(0), j["actions"], j["t"], j["r"], j["obs"])
+    )
+    assert jax.tree.structure(critic_params) == jax.tree.structure(
+        critic.init(jax.random.PRNGKey(0), j["obs"], j["actions"])
+    )
 
     # MeanFlow loss (Eq. 17) and its gradient
     bc_loss = ofql.mean_flow_loss(torch_actor, obs, actions, t, r, noise)
@@ -152,11 +183,21 @@ def test_losses_and_actions_agree_with_ofql(monkeypatch):
 
 SUMMARY_KEYS = (
     "algorithm env_id dataset_id seed total_steps normalized_score normalized_score_std best_normalized_score return_mean "
-    "eval_episodes train_seconds updates_per_second hours_per_million_updates decision_hz device compile_seconds"
+    "eval_episodes train_seconds updates_per_second hours_per_million_updates decision_hz device compile_seconds "
+    "eval_seconds num_candidates threads updates_per_call resumed_from_step evaluations args"
 ).split()
 
 
-COMMAND = [sys.executable, "-u", str(ROOT / "ofql_jax.py"), "--env-id", HOPPER_DATASET_ID, "--no-cuda", "--threads", "1"]
+COMMAND = [
+    sys.executable,
+    "-u",
+    str(ROOT / "ofql_jax.py"),
+    "--env-id",
+    HOPPER_DATASET_ID,
+    "--no-cuda",
+    "--threads",
+    "1",
+]
 FLAGS = "--total-steps 300 --eval-freq 150 --eval-episodes 2 --final-eval-episodes 2 --log-freq 100 --updates-per-call 50".split()
 
 
@@ -185,11 +226,18 @@ def test_end_to_end_run_writes_summary_and_model(full_run, tmp_path):
     summary = full_run
     for key in SUMMARY_KEYS:
         assert key in summary, key
-    assert summary["algorithm"] == "ofql_jax" and summary["dataset_id"] == HOPPER_DATASET_ID and summary["total_steps"] == 300
+    assert (
+        summary["algorithm"] == "ofql_jax"
+        and summary["dataset_id"] == HOPPER_DATASET_ID
+        and summary["total_steps"] == 300
+    )
     assert summary["eval_episodes"] == 2 and summary["device"] == "cpu"
     assert summary["updates_per_call"] == 50  # 50 divides 100, 150 and 300: kept
     assert [step for step, _ in summary["evaluations"]] == [150, 300]
-    assert summary["normalized_score"] == summary["evaluations"][-1][1] and summary["best_normalized_score"] >= summary["normalized_score"]
+    assert (
+        summary["normalized_score"] == summary["evaluations"][-1][1]
+        and summary["best_normalized_score"] >= summary["normalized_score"]
+    )
     ref_min, ref_max = ofql_jax.D4RL_REF_SCORES["hopper"]
     assert summary["normalized_score"] == pytest.approx(100 * (summary["return_mean"] - ref_min) / (ref_max - ref_min))
     assert summary["train_seconds"] > 0 and summary["updates_per_second"] > 0 and summary["decision_hz"] > 0
@@ -212,15 +260,22 @@ def test_end_to_end_run_writes_summary_and_model(full_run, tmp_path):
     )
     assert evaluation["total_steps"] == 0 and evaluation["eval_episodes"] == 3 and evaluation["num_candidates"] == 1
     assert evaluation["compile_seconds"] == 0
+    assert "training" not in evaluation["stdout"] and "updates/s" not in evaluation["stdout"]  # it did not train
     assert np.isfinite(evaluation["normalized_score"]) and evaluation["decision_hz"] > 0
 
 
 def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
     run = subprocess.Popen(
-        [*COMMAND, *FLAGS, "--checkpoint-freq", "100"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*COMMAND, *FLAGS, "--checkpoint-freq", "100"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     output = []
-    for line in run.stdout:  # stop it once training is under way: at the next call boundary the host sees (200 at the latest)
+    for (
+        line
+    ) in run.stdout:  # stop it once training is under way: at the next call boundary the host sees (200 at the latest)
         output.append(line)
         if line.startswith("update 100/300"):
             run.send_signal(signal.SIGTERM)
@@ -230,18 +285,27 @@ def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_ru
     stopped = interrupted["interrupted_at_step"]
     assert 100 <= stopped < 300 and f"--resume {run_dir.relative_to(tmp_path)}" in "".join(output)
     assert (run_dir / "checkpoint.msgpack").is_file() and not list(run_dir.glob("*.tmp"))
+    saved = ofql_jax.load_msgpack(str(run_dir / "checkpoint.msgpack"))
+    assert {"actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "key", "args"} <= set(saved)
+    progress_keys = set("step evaluations wandb_id policy_calls train_seconds eval_seconds compile_seconds".split())
+    assert progress_keys <= set(saved["progress"]) and saved["progress"]["step"] == stopped
 
     resumed = run_ofql_jax(tmp_path, "--resume", str(run_dir.relative_to(tmp_path)))
     assert resumed["resumed_from_step"] == stopped and resumed["total_steps"] == 300 and resumed["run_dir"] == run_dir
     assert f"resuming {run_dir.relative_to(tmp_path)} from update {stopped}" in resumed["stdout"]
     # the same PRNG stream: the same losses, bit for bit, and the same evaluations
-    assert resumed["evaluations"] == full_run["evaluations"] and resumed["normalized_score"] == full_run["normalized_score"]
+    assert (
+        resumed["evaluations"] == full_run["evaluations"]
+        and resumed["normalized_score"] == full_run["normalized_score"]
+    )
     expected, got = logged_scalars(full_run["run_dir"]), logged_scalars(run_dir)
     for tag in [tag for tag in expected if tag.startswith("losses/")] + ["charts/normalized_score"]:
         assert {step: got[tag][step] for step in expected[tag]} == expected[tag], tag
 
     # --eval-only takes a checkpoint as well as a model
-    evaluation = run_ofql_jax(tmp_path, "--eval-only", "--checkpoint", str(run_dir / "checkpoint.msgpack"), "--final-eval-episodes", "2")
+    evaluation = run_ofql_jax(
+        tmp_path, "--eval-only", "--checkpoint", str(run_dir / "checkpoint.msgpack"), "--final-eval-episodes", "2"
+    )
     assert evaluation["total_steps"] == 0 and np.isfinite(evaluation["normalized_score"])
 
 
@@ -250,9 +314,28 @@ def test_non_finite_loss_stops_with_the_update_and_keeps_the_last_checkpoint(min
     flags = ["--total-steps", "50", "--log-freq", "10", "--checkpoint-freq", "1", "--lr", "1e30"]
     run = subprocess.run([*COMMAND, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
-    assert "error: non-finite loss at update 2" in run.stderr and "the last finite losses, at update 1: critic_loss" in run.stderr
+    assert (
+        "error: non-finite loss at update 2" in run.stderr
+        and "the last finite losses, at update 1: critic_loss" in run.stderr
+    )
     assert not list(tmp_path.glob("runs/*/summary.json"))
     (checkpoint,) = tmp_path.glob("runs/*/checkpoint.msgpack")
     saved = ofql_jax.load_msgpack(str(checkpoint))
-    assert saved["step"] == 1 and saved["args"]["lr"] == 1e30
-    assert all(np.isfinite(leaf).all() for name in ("actor", "critic", "actor_optimizer") for leaf in jax.tree.leaves(saved[name]))
+    assert saved["progress"]["step"] == 1 and saved["args"]["lr"] == 1e30
+    assert all(
+        np.isfinite(leaf).all()
+        for name in ("actor", "critic", "actor_optimizer")
+        for leaf in jax.tree.leaves(saved[name])
+    )
+
+
+def test_a_failed_download_prints_one_line(tmp_path):
+    """Without network, Minari's download retries (huggingface_hub logs each retry): the user sees one error line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MINARI_DATASETS_PATH", "HF_HUB_OFFLINE")}
+    env |= {"HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: refused at once
+    command = [sys.executable, str(ROOT / "ofql_jax.py"), "--env-id", "hopper-expert-v2", "--no-cuda"]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("error: mujoco/hopper/expert-v0 is not local") and "MINARI_DATASETS_PATH unset" in line
+    assert not (tmp_path / "runs").exists()

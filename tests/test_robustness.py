@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import gymnasium as gym
 import minari
 import numpy as np
 import pytest
@@ -68,17 +69,29 @@ def test_d4rl_file_rows_become_transitions(script, tmp_path):
     """No next_observations: the next row is the next observation, and rows with a time-out (and the last) are dropped."""
     episodes = hopper_episodes(5, seed=3)
     transitions = module(script).d4rl_transitions(str(write_d4rl_file(tmp_path / "a.hdf5", episodes)))
-    expected = [(e.observations[i], e.observations[i + 1], e.terminations[i]) for e in episodes for i in range(len(e.rewards))]
-    expected = [row for row, e_last in zip(expected, np.concatenate([e.truncations for e in episodes]), strict=True) if not e_last]
+    expected = [
+        (e.observations[i], e.observations[i + 1], e.terminations[i]) for e in episodes for i in range(len(e.rewards))
+    ]
+    expected = [
+        row
+        for row, e_last in zip(expected, np.concatenate([e.truncations for e in episodes]), strict=True)
+        if not e_last
+    ]
     if not episodes[-1].truncations[-1]:
         expected = expected[:-1]  # the file's last row has no successor
     assert len(transitions["obs"]) == len(expected) and transitions["actions"].shape == (len(expected), 3)
     np.testing.assert_array_equal(transitions["obs"], [obs for obs, _, _ in expected])
-    moves_on = ~np.array([terminal for _, _, terminal in expected])  # after a termination the next row starts a new episode
-    np.testing.assert_array_equal(transitions["next_obs"][moves_on], np.array([next_obs for _, next_obs, _ in expected])[moves_on])
+    moves_on = ~np.array(
+        [terminal for _, _, terminal in expected]
+    )  # after a termination the next row starts a new episode
+    np.testing.assert_array_equal(
+        transitions["next_obs"][moves_on], np.array([next_obs for _, next_obs, _ in expected])[moves_on]
+    )
     np.testing.assert_array_equal(transitions["terminals"], [terminal for _, _, terminal in expected])
     # with next_observations every row is a transition
-    transitions = module(script).d4rl_transitions(str(write_d4rl_file(tmp_path / "b.hdf5", episodes, with_next_observations=True)))
+    transitions = module(script).d4rl_transitions(
+        str(write_d4rl_file(tmp_path / "b.hdf5", episodes, with_next_observations=True))
+    )
     assert len(transitions["obs"]) == sum(len(e.rewards) for e in episodes)
     np.testing.assert_array_equal(transitions["next_obs"][-1], episodes[-1].observations[-1])
 
@@ -98,7 +111,7 @@ def test_medium_expert_is_combined_once_then_local(script, medium_and_expert, ca
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_antmaze_dict_observations_and_a_goal_ending_eval_env(script, antmaze_dataset):
     m = module(script)
-    args = m.task_defaults(m.Args(env_id=antmaze_dataset))
+    args, _ = m.task_defaults(m.Args(env_id=antmaze_dataset))
     assert (args.reward_tune, args.lr) == ("cql", 3e-4)
     transitions, make_env, action_space, ref_scores = m.load_task(args, antmaze_dataset)
     assert transitions["obs"].shape[1] == 2 + 2 + 27  # achieved_goal, desired_goal, observation
@@ -106,14 +119,15 @@ def test_antmaze_dict_observations_and_a_goal_ending_eval_env(script, antmaze_da
     env = make_env()
     assert env.unwrapped.continuing_task is False  # the episode ends at the goal, as in D4RL
     np.testing.assert_array_equal(
-        transitions["obs"][0], m.flatten_obs(next(minari.load_dataset(antmaze_dataset).iterate_episodes()).observations)[0]
+        transitions["obs"][0],
+        m.flatten_obs(next(minari.load_dataset(antmaze_dataset).iterate_episodes()).observations)[0],
     )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_pen_rewards_are_normalized_and_scored_with_the_datasets_references(script, pen_dataset):
     m = module(script)
-    args = m.task_defaults(m.Args(env_id=pen_dataset))
+    args, _ = m.task_defaults(m.Args(env_id=pen_dataset))
     assert (args.reward_tune, args.lr) == ("normalize", 3e-5)
     transitions, _, _, ref_scores = m.load_task(args, pen_dataset)
     assert ref_scores == (-10.0, 3000.0)
@@ -131,10 +145,19 @@ def test_antmaze_runs_end_to_end(antmaze_dataset, tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_d4rl_file_runs_end_to_end_on_the_gymnasium_env(script, d4rl_file, minari_path, tmp_path):
-    flags = ("--env-id", "hopper-medium-replay-v2", "--dataset-path", str(d4rl_file), "--total-steps", "20", "--log-freq", "10")
+    flags = (
+        "--env-id",
+        "hopper-medium-replay-v2",
+        "--dataset-path",
+        str(d4rl_file),
+        "--total-steps",
+        "20",
+        "--log-freq",
+        "10",
+    )
     result = run(script, tmp_path, *flags, *QUICK)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "evaluation runs on Gymnasium's Hopper-v5" in result.stdout
+    assert "evaluated on Gymnasium's Hopper-v4" in result.stdout
     summary = summary_of(tmp_path)
     assert summary["dataset_id"] == str(d4rl_file) and summary["args"]["grad_norm"] == 4.0  # hopper-medium-replay's row
 
@@ -148,17 +171,32 @@ def bad_inputs(tmp_path, d4rl_file) -> dict[str, tuple[list[str], str]]:
     no_timeouts = write_d4rl_file(tmp_path / "no_timeouts.hdf5", hopper_episodes(2, seed=0), drop="timeouts")
     cases = {
         "unknown env id": (["--env-id", "hoper-medium-v2"], "Did you mean: hopper-medium"),
-        "medium-replay asked of Minari": (["--env-id", "hopper-medium-replay-v2"], "--dataset-path hopper_medium_replay-v2.hdf5"),
+        "medium-replay asked of Minari": (
+            ["--env-id", "hopper-medium-replay-v2"],
+            "--dataset-path hopper_medium_replay-v2.hdf5",
+        ),
         "dataset not local, offline": (["--env-id", "hopper-medium-v2"], "minari download mujoco/hopper/medium-v0"),
-        "missing file": (["--env-id", "hopper-medium-replay-v2", "--dataset-path", "missing.hdf5"], "missing.hdf5: no such file"),
-        "corrupt file": (["--env-id", "hopper-medium-replay-v2", "--dataset-path", str(corrupt)], "not a readable hdf5 file"),
-        "file without timeouts": (["--env-id", "hopper-medium-replay-v2", "--dataset-path", str(no_timeouts)], "no timeouts in the file"),
+        "missing file": (
+            ["--env-id", "hopper-medium-replay-v2", "--dataset-path", "missing.hdf5"],
+            "missing.hdf5: no such file",
+        ),
+        "corrupt file": (
+            ["--env-id", "hopper-medium-replay-v2", "--dataset-path", str(corrupt)],
+            "not a readable hdf5 file",
+        ),
+        "file without timeouts": (
+            ["--env-id", "hopper-medium-replay-v2", "--dataset-path", str(no_timeouts)],
+            "no timeouts in the file",
+        ),
         "file of another env": (
             ["--env-id", "walker2d-medium-replay-v2", "--dataset-path", str(d4rl_file)],
-            "do not match the env Walker2d-v5",
+            "do not match the env Walker2d-v4",
         ),
         "resume without a checkpoint": (["--resume", str(tmp_path / "runs" / "nothing")], "no checkpoint"),
-        "eval-only without a model": (["--eval-only", "--checkpoint", "missing.pt"], "--eval-only needs --checkpoint PATH"),
+        "eval-only without a model": (
+            ["--eval-only", "--checkpoint", "missing.pt"],
+            "--eval-only needs --checkpoint PATH",
+        ),
     }
     import mujoco
 
@@ -170,7 +208,10 @@ def bad_inputs(tmp_path, d4rl_file) -> dict[str, tuple[list[str], str]]:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_input_fails_with_one_readable_message(script, d4rl_file, tmp_path):
     module(script)
-    env = os.environ | {"MINARI_DATASETS_PATH": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}  # offline, and fast about it
+    env = os.environ | {
+        "MINARI_DATASETS_PATH": str(tmp_path / "empty"),
+        "HF_HUB_OFFLINE": "1",
+    }  # offline, and fast about it
     for case, (flags, message) in bad_inputs(tmp_path, d4rl_file).items():
         result = run(script, tmp_path, *flags, "--no-cuda", env=env, timeout=60)
         assert result.returncode != 0, case
@@ -179,17 +220,110 @@ def test_bad_input_fails_with_one_readable_message(script, d4rl_file, tmp_path):
         assert not (tmp_path / "runs").exists(), case
 
 
+# Every numeric flag out of its range, and every combination that cannot work: one line naming the flag, at once.
+OUT_OF_RANGE = {
+    "seed": "-1",
+    "threads": "-1",
+    "checkpoint_freq": "-1",
+    "total_steps": "-5",
+    "batch_size": "0",
+    "eval_freq": "0",
+    "eval_episodes": "0",
+    "final_eval_episodes": "0",
+    "num_candidates": "0",
+    "max_eval_envs": "0",
+    "log_freq": "0",
+    "lr": "0",
+    "critic_lr": "nan",
+    "eta": "-0.1",
+    "grad_norm": "-1",
+    "gamma": "1.5",
+    "tau": "0",
+    "flow_ratio": "1.5",
+    "time_mu": "inf",
+    "time_sigma": "0",
+    "diffusion_steps": "0",
+    "flow_steps": "0",
+    "eval_steps": "0",
+    "ema_decay": "1.5",
+    "ema_start": "-1",
+    "ema_every": "0",
+    "updates_per_call": "0",
+}
+
+
+def parse_error(script: str, monkeypatch, *flags: str) -> str:
+    """The message with which the script's argument parsing stops, in this process (no dataset is read)."""
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--no-cuda", *flags])
+    with pytest.raises(SystemExit) as stop:
+        module(script).parse_args()
+    return str(stop.value.code)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_flag_out_of_range_fails_at_once(script, monkeypatch):
+    ranges = module(script).RANGES
+    assert set(ranges) <= set(OUT_OF_RANGE), "a flag with a range but no case here"
+    for flag in ranges:
+        message = parse_error(script, monkeypatch, f"--{flag.replace('_', '-')}", OUT_OF_RANGE[flag])
+        assert message.startswith(f"error: --{flag.replace('_', '-')} ") and ranges[flag] in message, message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_combinations_that_cannot_work_fail_at_once(script, monkeypatch, tmp_path):
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"")
+    cases = {
+        ("--eval-only", "--checkpoint", str(model), "--resume", str(tmp_path)): "--eval-only and --resume",
+        ("--checkpoint", str(model)): "--checkpoint goes with --eval-only",
+        ("--eval-only",): "--eval-only needs --checkpoint PATH",
+        ("--resume", str(tmp_path)): "no checkpoint",
+    }
+    if script in TORCH_SCRIPTS:
+        cases[("--cudagraphs",)] = "--cudagraphs needs a CUDA GPU"
+    if script == "dql":  # ddim takes 1 to T of the T steps (ddpm all of them: tested in test_dql.py)
+        cases[("--eval-sampler", "ddim", "--eval-steps", "6")] = (
+            "--eval-steps 6: out of range, must be in [1, diffusion_steps]"
+        )
+    for flags, expected in cases.items():
+        message = parse_error(script, monkeypatch, *flags)
+        assert message.startswith("error: ") and expected in message and "\n" not in message, (flags, message)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bad_flag_leaves_no_traceback_and_no_run_folder(script, minari_path, tmp_path):
+    result = run(script, tmp_path, "--env-id", HOPPER_DATASET_ID, "--no-cuda", "--batch-size", "0", timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert result.stderr.strip().splitlines() == ["error: --batch-size 0: out of range, must be in [1, inf)"]
+    assert result.stdout == "" and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(script, minari_path, tmp_path):
     """An actor learning rate of 1e30 makes the losses of the second update non-finite."""
-    flags = ("--env-id", HOPPER_DATASET_ID, "--total-steps", "50", "--log-freq", "10", "--checkpoint-freq", "1", "--lr", "1e30")
+    flags = (
+        "--env-id",
+        HOPPER_DATASET_ID,
+        "--total-steps",
+        "50",
+        "--log-freq",
+        "10",
+        "--checkpoint-freq",
+        "1",
+        "--lr",
+        "1e30",
+    )
     result = run(script, tmp_path, *flags, *QUICK)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "non-finite loss at update 2" in result.stderr and "the last finite losses, at update 1: critic_loss" in result.stderr
+    assert (
+        "non-finite loss at update 2" in result.stderr
+        and "the last finite losses, at update 1: critic_loss" in result.stderr
+    )
     (checkpoint,) = (tmp_path / "runs").glob("*/checkpoint.*")
     if script in TORCH_SCRIPTS:
         saved = torch.load(checkpoint)
-        assert saved["step"] == 1 and all(value.isfinite().all() for value in saved["actor"].values())
+        assert saved["progress"]["step"] == 1 and all(value.isfinite().all() for value in saved["actor"].values())
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -211,10 +345,11 @@ def test_same_seed_same_losses_and_resume_continues_exactly(script, minari_path,
     partial = json.loads((run_dir / "summary.json").read_text())
     stopped_at = partial["interrupted_at_step"]
     assert 40 <= stopped_at < 120 and f"--resume {os.path.join('runs', run_dir.name)}" in output
-    resumed = run(script, cwd, "--resume", os.path.join("runs", run_dir.name), "--threads", "1")
+    resumed = run(script, cwd, "--resume", os.path.join("runs", run_dir.name))  # the run's own --threads 1, --no-cuda
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = summary_of(cwd)
     assert summary["resumed_from_step"] == stopped_at and summary["total_steps"] == 120
+    assert summary["threads"] == 1 and summary["args"]["threads"] == 1 and summary["args"]["cuda"] is False
     assert logged_losses(run_dir) == runs["first"]
 
 
@@ -241,7 +376,9 @@ def assert_trains_like_eager(script: str, tmp_path, flags: tuple[str, ...], name
         assert result.returncode == 0, result.stderr[-2000:]
         losses[folder] = logged_losses(next((tmp_path / folder / "runs").iterdir()))
     for loss, series in losses["eager"].items():
-        np.testing.assert_allclose(list(losses[name][loss].values()), list(series.values()), rtol=1e-3, atol=1e-4, err_msg=loss)
+        np.testing.assert_allclose(
+            list(losses[name][loss].values()), list(series.values()), rtol=1e-3, atol=1e-4, err_msg=loss
+        )
 
 
 @pytest.mark.parametrize("script", TORCH_SCRIPTS)
@@ -251,13 +388,19 @@ def test_compile_trains_like_eager(script, minari_path, tmp_path):
     flags = ("--env-id", HOPPER_DATASET_ID, "--total-steps", "20", "--log-freq", "1", *QUICK)
     assert_trains_like_eager(script, tmp_path, flags, "compiled", "--compile")
     summary = summary_of(tmp_path / "compiled")
-    assert summary["compile_seconds"] > 0 and summary["decision_hz"] > 0 and summary_of(tmp_path / "eager")["compile_seconds"] == 0
+    assert (
+        summary["compile_seconds"] > 0
+        and summary["decision_hz"] > 0
+        and summary_of(tmp_path / "eager")["compile_seconds"] == 0
+    )
 
 
 @pytest.mark.parametrize("script", TORCH_SCRIPTS)
 def test_cudagraphs_without_a_gpu_fails_with_one_readable_message(script, tmp_path):
     result = run(script, tmp_path, "--env-id", HOPPER_DATASET_ID, "--cudagraphs", "--no-cuda", timeout=60)
-    assert result.returncode != 0 and "--cudagraphs needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode != 0 and "--cudagraphs needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -281,10 +424,107 @@ def test_resume_restores_the_ema_target_actor(script, minari_path, tmp_path):
     assert run(script, tmp_path / "whole", *flags).returncode == 0
     run_dir, _ = stop_with_sigterm(script, tmp_path / "interrupted", flags, after_update=25)
     checkpoint = torch.load(run_dir / "checkpoint.pt")
-    assert {"actor_target", "actor_optimizer", "critic_optimizer", "rng"} <= set(checkpoint) and 25 <= checkpoint["step"] < 60
-    assert run(script, tmp_path / "interrupted", "--resume", str(run_dir), "--threads", "1").returncode == 0
-    assert summary_of(tmp_path / "interrupted")["resumed_from_step"] == checkpoint["step"]
+    assert {"actor_target", "actor_optimizer", "critic_optimizer", "rng"} <= set(checkpoint) and 25 <= checkpoint[
+        "step"
+    ] < 60
+    assert run(script, tmp_path / "interrupted", "--resume", str(run_dir)).returncode == 0
+    assert summary_of(tmp_path / "interrupted")["resumed_from_step"] == checkpoint["progress"]["step"]
     expected, got = torch.load(next((tmp_path / "whole" / "runs").glob("*/model.pt"))), torch.load(run_dir / "model.pt")
-    assert not torch.equal(got["actor_target"]["final_layer.weight"], checkpoint["actor_target"]["final_layer.weight"])  # EMA went on
+    assert not torch.equal(
+        got["actor_target"]["final_layer.weight"], checkpoint["actor_target"]["final_layer.weight"]
+    )  # EMA went on
     for name in ("actor", "actor_target", "critic", "critic_target"):
         assert all(torch.equal(expected[name][k], got[name][k]) for k in expected[name]), name
+
+
+def wandb_offline_runs(wandb_dir) -> dict[str, list[bytes]]:
+    """The offline runs under wandb_dir/wandb: run id -> the raw records (.wandb files) of each of its parts."""
+    runs = {}
+    for folder in sorted((wandb_dir / "wandb").glob("offline-run-*")):
+        (records,) = folder.glob("run-*.wandb")
+        runs.setdefault(folder.name.rsplit("-", 1)[1], []).append(records.read_bytes())
+    return runs
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_track_logs_an_offline_wandb_run_and_a_resumed_run_continues_it(script, minari_path, tmp_path):
+    """--track with WANDB_MODE=offline: the run holds the config and the tensorboard metrics synced into it; stopped
+    by SIGTERM and resumed, it keeps its own flags unless the command line names them, and continues the same wandb
+    run (same id)."""
+    env = os.environ | {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")  # for stop_with_sigterm
+    try:
+        flags = ("--env-id", HOPPER_DATASET_ID, "--total-steps", "400", "--log-freq", "5", "--track", *QUICK)
+        run_dir, _ = stop_with_sigterm(script, tmp_path / "cwd", flags, after_update=20)
+    finally:
+        for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT"):
+            os.environ.pop(key)
+    (run_id, parts), *others = wandb_offline_runs(tmp_path).items()
+    assert not others and len(parts) == 1
+    assert b"losses/critic_loss" in parts[0] and b"charts/updates_per_second" in parts[0]  # synced from tensorboard
+    assert HOPPER_DATASET_ID.encode() in parts[0] and b"num_candidates" in parts[0]  # the config
+    resumed = run(
+        script, tmp_path / "cwd", "--resume", str(run_dir), "--total-steps", "30", "--eval-episodes", "3", env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # the run's own flags (--threads 1, --no-cuda, --track, --log-freq 5), except those the command line names
+    saved = summary_of(tmp_path / "cwd")["args"]
+    assert (saved["threads"], saved["cuda"], saved["track"], saved["log_freq"]) == (1, False, True, 5)
+    assert (saved["total_steps"], saved["eval_episodes"], saved["resume"]) == (30, 3, str(run_dir))
+    runs = wandb_offline_runs(tmp_path)
+    assert list(runs) == [run_id] and len(runs[run_id]) == 2
+    assert b"charts/normalized_score" in runs[run_id][1]  # the final evaluation, logged to the same run
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_d4rl_files_evaluate_on_d4rls_models(script, monkeypatch, tmp_path):
+    """D4RL's -v2 data came from gym's v3 envs. Of Gymnasium's envs, v4 has their models (and rewards); v5 changed
+    Walker2d's right-foot friction from 0.9 to 1.9 and, for Hopper and Walker2d, the reward of the step that falls."""
+    import mujoco
+
+    monkeypatch.chdir(tmp_path)  # mujoco writes its warnings (HalfCheetah's old settotalmass) to MUJOCO_LOG.TXT here
+
+    def model(env_id: str):
+        return gym.make(env_id).unwrapped.model
+
+    def differences(a, b) -> set[str]:
+        names = [name for name in dir(a) if not name.startswith("_") and isinstance(getattr(a, name, None), np.ndarray)]
+        return {name for name in names if not np.array_equal(getattr(a, name), getattr(b, name))}
+
+    envs = module(script).D4RL_FILE_ENVS
+    assert set(envs) == {"hopper", "halfcheetah", "walker2d"}
+    for domain, env_id in envs.items():
+        chosen, v5 = model(env_id), model(env_id.replace("-v4", "-v5"))
+        assert differences(chosen, v5) == ({"geom_friction"} if domain == "walker2d" else set()), domain
+    walker = model(envs["walker2d"])
+    friction = {
+        mujoco.mj_id2name(walker, mujoco.mjtObj.mjOBJ_GEOM, i): walker.geom_friction[i, 0] for i in range(walker.ngeom)
+    }
+    assert (friction["foot_geom"], friction["foot_left_geom"]) == (0.9, 1.9)  # D4RL's walker2d.xml
+    # the step on which the hopper falls still pays the healthy reward, as in gym's Hopper-v3
+    env = gym.make(envs["hopper"])
+    env.reset(seed=0)
+    terminated = False
+    while not terminated:
+        _, reward, terminated, _, info = env.step(np.ones(3, dtype=np.float32))
+    assert reward == pytest.approx(info["x_velocity"] - 1e-3 * 3 + 1.0)
+
+
+@pytest.mark.parametrize("script", TORCH_SCRIPTS)
+def test_cuda_graphed_keeps_one_graph_per_input_shapes_and_host_values(script, monkeypatch):
+    """--cudagraphs wraps the update and the policy in tensordict's CudaGraphModule, one per input shapes and coin
+    (a graph replays one shape and one branch). Without CUDA, CudaGraphModule runs the function as it is."""
+    import tensordict.nn
+
+    made, real = [], tensordict.nn.CudaGraphModule
+
+    def counting(fn, warmup):
+        made.append(warmup)
+        return real(fn, warmup=warmup)
+
+    monkeypatch.setattr(tensordict.nn, "CudaGraphModule", counting)
+    graphed = module(script).cuda_graphed(lambda x, swap: {"y": x * 2 if swap else x + 1})
+    x, other = torch.ones(2, 3), torch.ones(5, 3)
+    outputs = [graphed(x, True), graphed(x, True), graphed(x, False), graphed(other, True)]
+    assert len(made) == 3 and made[0] >= 2
+    assert [o["y"].tolist() for o in outputs] == [(x * 2).tolist()] * 2 + [(x + 1).tolist(), (other * 2).tolist()]
