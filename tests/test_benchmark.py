@@ -11,6 +11,6 @@ def test_benchmark_prints_a_row_per_script(minari_path):
     command += ["--scripts", "dql", "ofql", "--updates", "20", "--repeats", "1", "--threads", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and ".py |" in line]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| script")]
     assert [row.split(" | ")[0] for row in rows] == ["| dql.py", "| ofql.py"]
     assert "failed" not in result.stdout and "1.00x" in rows[0]

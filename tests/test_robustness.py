@@ -424,9 +424,8 @@ def test_resume_restores_the_ema_target_actor(script, minari_path, tmp_path):
     assert run(script, tmp_path / "whole", *flags).returncode == 0
     run_dir, _ = stop_with_sigterm(script, tmp_path / "interrupted", flags, after_update=25)
     checkpoint = torch.load(run_dir / "checkpoint.pt")
-    assert {"actor_target", "actor_optimizer", "critic_optimizer", "rng"} <= set(checkpoint) and 25 <= checkpoint[
-        "step"
-    ] < 60
+    assert {"actor_target", "actor_optimizer", "critic_optimizer", "rng"} <= set(checkpoint)
+    assert 25 <= checkpoint["progress"]["step"] < 60
     assert run(script, tmp_path / "interrupted", "--resume", str(run_dir)).returncode == 0
     assert summary_of(tmp_path / "interrupted")["resumed_from_step"] == checkpoint["progress"]["step"]
     expected, got = torch.load(next((tmp_path / "whole" / "runs").glob("*/model.pt"))), torch.load(run_dir / "model.pt")
