@@ -821,8 +821,10 @@ if __name__ == "__main__":
     critic = Critic(obs_dim, action_dim).to(device)
     critic_target = Critic(obs_dim, action_dim).to(device)
     critic_target.load_state_dict(critic.state_dict())
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)  # one kernel, no host sync
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    # fused: one kernel, no host sync; capturable: step() inside a CUDA graph (torch.compile handles it otherwise)
+    adam = partial(torch.optim.Adam, fused=True, capturable=args.cudagraphs and not args.compile)
+    actor_optimizer = adam(actor.parameters(), lr=args.lr)
+    critic_optimizer = adam(critic.parameters(), lr=args.critic_lr)
     networks = {"actor": actor, "actor_target": actor_target, "critic": critic, "critic_target": critic_target}
     optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
     if saved:  # --resume: networks, optimizers, RNG; --eval-only: networks
