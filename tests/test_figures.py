@@ -1,5 +1,7 @@
-"""docs/fig3_toy.py, the paper's Fig. 3 by command, on its small budget: it runs, writes a PNG and prints 5 distances."""
+"""The figures by command on small budgets: docs/fig3_toy.py (the paper's Fig. 3) and docs/ablation.py (Table 2 and
+the eta sweep): they run, write their PNGs and print their tables."""
 
+import json
 import math
 import re
 import subprocess
@@ -7,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HOPPER_DATASET_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +30,59 @@ def test_fig3_toy_quick_writes_a_png_and_a_table_of_finite_distances(tmp_path):
         ("MeanFlow", 1),
     ], run.stdout
     assert all(math.isfinite(float(distance)) for _, _, distance in rows), run.stdout
+
+
+def ablation(*args: str, cwd) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "docs" / "ablation.py"), *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_ablation_trains_every_method_skips_finished_runs_goes_on_and_reports(minari_path, tmp_path):
+    """docs/ablation.py on a tiny budget: the six Table 2 rows for one dataset and seed; a second call starts nothing;
+    a larger --total-steps resumes the trained runs from their checkpoints and re-evaluates the one-step variants;
+    report writes the figure and a table with every row and the dataset's mean return."""
+    pytest.importorskip("matplotlib")
+    flags = "--threads 1 --no-cuda --final-eval-episodes 2 --eval-episodes 1 --max-eval-envs 2 --log-freq 10"
+    grid = ("ablation", "--datasets", HOPPER_DATASET_ID, "--seeds", "1", "--eval-freq", "10", "--jobs", "2")
+    grid += ("--runs-dir", "runs", f"--flags={flags}")
+    first = ablation(*grid, "--total-steps", "20", cwd=tmp_path)
+    assert "0 of 6 runs done" in first and "6 of 6 runs done" in first and "FAILED" not in first
+    again = ablation(*grid, "--total-steps", "20", cwd=tmp_path)
+    assert "6 of 6 runs done; 0 to go" in again and "start" not in again
+    longer = ablation(*grid, "--total-steps", "30", "--methods", "ofql", "dql", "dql-ddim1", cwd=tmp_path)
+    assert "0 of 3 runs done" in longer and "3 of 3 runs done" in longer
+    data = tmp_path / "runs" / "ablation" / HOPPER_DATASET_ID.replace("/", "_")
+    (ofql_run,) = (data / "ofql" / "seed1" / "runs").glob("*/summary.json")
+    summary = json.loads(ofql_run.read_text())
+    assert (summary["total_steps"], summary["resumed_from_step"]) == (30, 20)
+    report = ablation("report", "--runs-dir", "runs", "--out", str(tmp_path), cwd=tmp_path)
+    png = tmp_path / f"ablation_{data.name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (-?[\d.]+)(?: \+- [\d.]+)? \|", report, re.MULTILINE))
+    labels = ["DQL (5)", "FQL (5)", "OFQL (1)", "OFQL, eta 0 (BC only)", "DQL + DDIM (1)", "FQL (1)"]
+    assert set(rows) == {*labels, "dataset mean return"}, report
+    assert all(math.isfinite(float(score)) for score in rows.values())
+
+
+def test_eta_sweep_trains_each_eta_and_reports_score_against_eta(minari_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    flags = "--threads 1 --no-cuda --final-eval-episodes 2 --eval-episodes 1 --max-eval-envs 2 --log-freq 10"
+    sweep = ("eta-sweep", "--datasets", HOPPER_DATASET_ID, "--seeds", "1", "2", "--etas", "0.01", "0.3")
+    sweep += (
+        "--total-steps",
+        "10",
+        "--eval-freq",
+        "10",
+        "--script",
+        "ofql.py",
+        "--runs-dir",
+        "runs",
+        f"--flags={flags}",
+    )
+    assert "4 of 4 runs done" in ablation(*sweep, cwd=tmp_path)
+    report = ablation("report", "--runs-dir", "runs", "--out", str(tmp_path), cwd=tmp_path)
+    assert (tmp_path / "eta_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = re.findall(r"^\| ([\d.]+) \| (-?[\d.]+) \+- [\d.]+ \| .* \| (\d) \| 10 \|$", report, re.MULTILINE)
+    assert [(eta, seeds) for eta, _, seeds in rows] == [("0.01", "2"), ("0.3", "2")], report
