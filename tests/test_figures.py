@@ -86,3 +86,19 @@ def test_eta_sweep_trains_each_eta_and_reports_score_against_eta(minari_path, tm
     assert (tmp_path / "eta_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = re.findall(r"^\| ([\d.]+) \| (-?[\d.]+) \+- [\d.]+ \| .* \| (\d) \| 10 \|$", report, re.MULTILINE)
     assert [(eta, seeds) for eta, _, seeds in rows] == [("0.01", "2"), ("0.3", "2")], report
+
+
+def test_fig4_speed_reads_the_benchmark_outputs_in_docs_and_writes_a_png(tmp_path):
+    """docs/fig4_speed.py on the committed benchmark outputs: a bar per table row, hours per 1M updates from updates/s."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "fig4.png"
+    inputs = sorted(str(path) for path in (ROOT / "docs" / "benchmarks").glob("*.md"))
+    command = [sys.executable, str(ROOT / "docs" / "fig4_speed.py"), *inputs, "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = re.findall(r"^\| (\S+\.py[^|]*) \| ([\d.]+) \| (\d+) \|$", run.stdout, re.MULTILINE)
+    assert ("ofql.py --cudagraphs", "0.41", "3991") in rows and ("dql.py --cudagraphs", "0.74", "1447") in rows
+    assert len(rows) == sum(
+        path.read_text().count("\n| ") - path.read_text().count("\n| script") for path in map(Path, inputs)
+    )
