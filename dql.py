@@ -784,8 +784,12 @@ def save_checkpoint(run_dir: str, networks: dict, optimizers: dict, progress: di
 
 def restore(saved: dict, networks: dict, optimizers: dict, resume: bool):
     """The networks from a checkpoint or model; when resuming, also the optimizers and the RNG streams."""
-    for name, module in networks.items():
-        module.load_state_dict(saved[name])
+    try:
+        for name, module in networks.items():
+            module.load_state_dict(saved[name])
+    except (KeyError, RuntimeError) as error:  # another script's model, or another dataset's shapes
+        problem = " ".join(str(error).split())[:200]
+        raise SystemExit(f"error: the saved networks do not fit this script and dataset ({problem})") from None
     if resume:
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(saved[name])
