@@ -12,12 +12,14 @@ Usage:
     MINARI_DATASETS_PATH=/path/to/datasets python ofql_jax.py --env-id sac/hopper/medium-replay-v0
     python ofql_jax.py --env-id hopper-medium-replay-v2 --dataset-path hopper_medium_replay-v2.hdf5
     python ofql_jax.py --resume runs/{run_name}     # continue an interrupted run (Ctrl-C checkpoints)
+    python ofql_jax.py --num-seeds 5                # seeds 1..5 in one vmapped program: mean +- std across seeds
     python ofql_jax.py --help                       # every flag
 
 What is JAX's own (docs/ofql_jax.md): the dataset lives on the device and each batch is drawn inside the compiled
 update; --updates-per-call updates run in one jitted `lax.scan`, the train state donated; PRNG keys are explicit;
-layers start as torch.nn.Linear's; files are msgpack (model.msgpack, checkpoint.msgpack). On a GPU, XLA may run
-float32 matmuls in TF32: JAX_DEFAULT_MATMUL_PRECISION=highest gives torch's arithmetic.
+layers start as torch.nn.Linear's; files are msgpack (model.msgpack, checkpoint.msgpack). --num-seeds N trains N seeds
+as one program, jax.vmap over a leading seed axis of the train states (each seed's keys those of its single run). On a
+GPU, XLA may run float32 matmuls in TF32: JAX_DEFAULT_MATMUL_PRECISION=highest gives torch's arithmetic.
 """
 
 import difflib
@@ -55,6 +57,8 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
+    num_seeds: int = 1
+    """train seeds --seed ... --seed + num_seeds - 1 together, one vmapped program on the shared dataset"""
     cuda: bool = True
     """if toggled, JAX runs on the GPU when there is one (--no-cuda: the CPU)"""
     threads: int = 0
@@ -132,7 +136,7 @@ RANGES = {
     **{flag: "[0, 4294967295]" for flag in ("seed",)},
     **{flag: "[0, inf)" for flag in ("threads", "checkpoint_freq", "total_steps", "eta", "grad_norm")},
     **{flag: "[1, inf)" for flag in ("batch_size", "eval_freq", "eval_episodes", "final_eval_episodes", "log_freq")},
-    **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "updates_per_call")},
+    **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "updates_per_call", "num_seeds")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
     **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "time_mu": "(-inf, inf)"},
 }
@@ -357,6 +361,12 @@ def update_many(actor, critic, args: Args, num_updates: int, actor_state, critic
     return actor_state, critic_state, key, first, jax.tree.map(lambda x: x[-1], losses)
 
 
+def over_seeds(f: Callable, num_seeds: int, in_axes=0) -> Callable:
+    """f mapped over a leading seed axis of its arguments (jax.vmap; in_axes None for what seeds share: the dataset).
+    One seed calls f itself, with no seed axis: the single-seed program, its numbers and its files, unchanged."""
+    return jax.vmap(f, in_axes=in_axes) if num_seeds > 1 else f
+
+
 def select_actions(actor: Actor, critic: Critic, actor_params, critic_target_params, obs, key, num_candidates: int):
     """Evaluation policy: `num_candidates` actions per state, one drawn from softmax over the target critic's min-Q."""
     n = obs.shape[0]
@@ -369,33 +379,39 @@ def select_actions(actor: Actor, critic: Critic, actor_params, critic_target_par
 
 
 # EVALUATION: normalized returns of the evaluation policy, and its decision frequency
-def evaluate(policy, make_env, num_episodes: int, max_envs: int, seed: int) -> np.ndarray:
-    """Returns of `num_episodes` episodes, run in a vectorized env with one policy call per step for all envs."""
-    num_envs = min(num_episodes, max_envs)
+def evaluate(policy, make_env, num_episodes: int, max_envs: int, seeds: list[int]) -> np.ndarray:
+    """Returns (seeds, episodes): `num_episodes` episodes of each seed's policy in its own envs (reset with its seed),
+    all in one vectorized env with one policy call per step for all seeds and envs. policy(obs, active) takes the
+    observations seed by seed and which seeds still run episodes."""
+    num_seeds, num_envs = len(seeds), min(num_episodes, max_envs)
     quota = np.full(num_envs, num_episodes // num_envs) + (np.arange(num_envs) < num_episodes % num_envs)
-    envs = gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    obs, _ = envs.reset(seed=seed)
-    returns, running, finished = [], np.zeros(num_envs), np.zeros(num_envs, dtype=int)
+    quota = np.tile(quota, num_seeds)
+    envs = gym.vector.SyncVectorEnv([make_env] * len(quota), autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    obs, _ = envs.reset(seed=[seed + i for seed in seeds for i in range(num_envs)])  # a single run's env seeds
+    returns, running, finished = [[] for _ in seeds], np.zeros(len(quota)), np.zeros(len(quota), dtype=int)
     while (finished < quota).any():
-        actions = np.asarray(policy(flatten_obs(obs).astype(np.float32)))
+        active = (finished < quota).reshape(num_seeds, num_envs).any(axis=1)
+        actions = np.asarray(policy(flatten_obs(obs).astype(np.float32), active))
         obs, rewards, terminations, truncations, _ = envs.step(actions)
         running += rewards
         for i in np.flatnonzero(terminations | truncations):
             if finished[i] < quota[i]:
-                returns.append(running[i])
+                returns[i // num_envs].append(running[i])
             finished[i] += 1
             running[i] = 0.0
     envs.close()
     return np.array(returns)
 
 
-def decision_frequency(policy, obs: jax.Array, warmup: int = 10, repeats: int = 100) -> float:
-    """Decisions per second for ONE state, candidate sampling and selection included, result on the host."""
+def decision_frequency(policy, obs: np.ndarray, warmup: int = 10, repeats: int = 100) -> float:
+    """Decisions per second for ONE state (of each seed, in one call: `obs` is one state per seed), candidate sampling
+    and selection included, result on the host."""
+    active = np.ones(len(obs), dtype=bool)
     for _ in range(warmup):  # the first call compiles the policy for one state
-        np.asarray(policy(obs[:1]))
+        np.asarray(policy(obs, active))
     start = time.perf_counter()
     for _ in range(repeats):
-        np.asarray(policy(obs[:1]))  # np.asarray waits for the device
+        np.asarray(policy(obs, active))  # np.asarray waits for the device
     return repeats / (time.perf_counter() - start)
 
 
@@ -517,8 +533,12 @@ def parse_args() -> tuple[Args, dict | None, str]:
             args = tyro.cli(Args, default=Args(**saved["args"] | {"resume": args.resume}))
             if args.total_steps < saved["progress"]["step"]:
                 raise ValueError(f"--total-steps {args.total_steps}: the run is at update {saved['progress']['step']}")
+            run_seeds = saved["args"].get("num_seeds", 1)  # 1 in checkpoints from before the flag
+            if args.num_seeds != run_seeds:
+                raise ValueError(f"--num-seeds {args.num_seeds}: the run trains {run_seeds} seeds")
         elif args.eval_only and args.checkpoint and os.path.isfile(args.checkpoint):
             saved = load_msgpack(args.checkpoint)
+            args = replace(args, num_seeds=saved["args"].get("num_seeds", 1))  # every seed of the model
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
         args, task_line = task_defaults(args)
         check_args(args)
@@ -722,27 +742,72 @@ def stop_requests() -> list[int]:
     return received
 
 
-def log_losses(writer: SummaryWriter, losses: dict[str, np.ndarray], first_nonfinite: int, progress: dict, args: Args):
-    """The losses (read from the device) to tensorboard and a progress line; a non-finite loss, whose first update the
-    scan tracked, ends the run before anything is saved."""
-    step, losses = progress["step"], {name: float(losses[name]) for name in LOSSES}  # jit sorts a dict's keys
-    if first_nonfinite > 0:
+def log_losses(writer: SummaryWriter, losses: dict, first_nonfinite: np.ndarray, progress: dict, args: Args):
+    """The losses (read from the device, one per seed) to tensorboard and a progress line (means over seeds); a
+    non-finite loss, whose first update the scan tracked, ends the run before anything is saved, naming its seed."""
+    seeds = [args.seed + k for k in range(args.num_seeds)]
+    step, losses = progress["step"], {name: np.asarray(losses[name]).tolist() for name in LOSSES}  # jit sorts keys
+    first = np.reshape(first_nonfinite, -1)  # per seed
+    if first.any():
+        k = int(np.argmin(np.where(first > 0, first, np.iinfo(first.dtype).max)))  # the seed that went first
+        which = f" of seed {seeds[k]}" if args.num_seeds > 1 else ""
         writer.close()
         last_step, last = progress["last_losses"]
         raise SystemExit(
-            f"error: non-finite loss at update {first_nonfinite} (at update {step}: {format_losses(losses)}); the last "
-            f"finite losses, at update {last_step}: {format_losses(last)}. Nothing was saved after them. Lower --lr or "
-            "--critic-lr, or clip gradients with --grad-norm."
+            f"error: non-finite loss at update {first[k]}{which} (at update {step}: "
+            f"{format_losses(seed_values(losses, k))}); the last finite losses, at update {last_step}: "
+            f"{format_losses(seed_values(last, k))}. Nothing was saved after them. Lower --lr or --critic-lr, or clip "
+            "gradients with --grad-norm."
         )
     progress["last_losses"] = (step, losses)
-    for name, value in losses.items():
-        writer.add_scalar(f"losses/{name}", value, step)
+    for name, values in losses.items():
+        add_seed_scalars(writer, f"losses/{name}", values, step, seeds)
     updates_per_second = step / max(progress["train_seconds"], 1e-9)
     writer.add_scalar("charts/updates_per_second", updates_per_second, step)
     minutes_left = (args.total_steps - step) / updates_per_second / 60
     print(
         f"update {step}/{args.total_steps} | {updates_per_second:.1f} updates/s | ETA {minutes_left:.1f} min | "
-        f"critic {losses['critic_loss']:.3f} | bc {losses['bc_loss']:.3f} | q {losses['q_loss']:.3f}"
+        f"critic {np.mean(losses['critic_loss']):.3f} | bc {np.mean(losses['bc_loss']):.3f} | "
+        f"q {np.mean(losses['q_loss']):.3f}"
+    )
+
+
+def seed_values(values: dict, k: int) -> dict:
+    """Seed k's entry of each value: a list per seed in a run of several seeds, a number in a run of one."""
+    return {name: np.reshape(value, -1)[k] for name, value in values.items()}
+
+
+def add_seed_scalars(writer: SummaryWriter, tag: str, values, step: int, seeds: list[int]):
+    """One value per seed to tensorboard: their mean under `tag`, and with several seeds each under tag/seed_{seed}."""
+    values = np.reshape(values, -1)
+    writer.add_scalar(tag, values.mean(), step)
+    for seed, value in zip(seeds, values, strict=True) if len(seeds) > 1 else ():
+        writer.add_scalar(f"{tag}/seed_{seed}", value, step)
+
+
+def seed_results(progress: dict, seeds: list[int], scores: np.ndarray | None = None) -> dict:
+    """What a run of several seeds adds to summary.json (nothing for one seed): each seed's evaluations and best
+    score; with the final `scores` (seeds, episodes), each seed's score and their mean and std across seeds."""
+    if len(seeds) == 1:
+        return {}
+    curves = [[(step, each[k]) for step, each in progress["seed_evaluations"]] for k in range(len(seeds))]
+    results = {"num_seeds": len(seeds), "seeds": seeds}
+    results["seed_best_normalized_scores"] = [max((score for _, score in curve), default=None) for curve in curves]
+    if scores is not None:
+        seed_scores = scores.mean(axis=1)
+        results["seed_normalized_scores"] = seed_scores.tolist()
+        results["seed_normalized_score_mean"] = float(seed_scores.mean())
+        results["seed_normalized_score_std"] = float(seed_scores.std())  # across seeds: what papers report
+    return results | {"seed_evaluations": curves}
+
+
+def seeds_line(summary: dict) -> str:
+    """The last line of a run of several seeds: the final score's mean +- std across seeds, and each seed's."""
+    each = ", ".join(f"{score:.1f}" for score in summary["seed_normalized_scores"])
+    return (
+        f"{summary['dataset_id']}: {summary['num_seeds']} seeds, normalized score "
+        f"{summary['seed_normalized_score_mean']:.1f} +- {summary['seed_normalized_score_std']:.1f} across seeds "
+        f"(seeds {summary['seeds'][0]}-{summary['seeds'][-1]}: {each})"
     )
 
 
@@ -775,9 +840,13 @@ def restore(saved: dict, actor_state, critic_state, key: jax.Array, resume: bool
     actor_state = actor_state.replace(params=state["actor"])
     critic_state = critic_state.replace(params=state["critic"], target_params=state["critic_target"])
     if resume:
-        step = saved["progress"]["step"]
-        actor_state = actor_state.replace(step=step, opt_state=state["actor_optimizer"])
-        critic_state = critic_state.replace(step=step, opt_state=state["critic_optimizer"])
+        step = saved["progress"]["step"]  # for every seed, in a buffer per state: both are donated
+        actor_state = actor_state.replace(
+            step=jnp.full_like(actor_state.step, step), opt_state=state["actor_optimizer"]
+        )
+        critic_state = critic_state.replace(
+            step=jnp.full_like(critic_state.step, step), opt_state=state["critic_optimizer"]
+        )
         key = jax.device_put(saved["key"])
     return actor_state, critic_state, key
 
@@ -841,7 +910,10 @@ if __name__ == "__main__":
     jax.config.update("jax_default_device", device)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    key, actor_key, critic_key, eval_key = jax.random.split(jax.random.PRNGKey(args.seed), 4)
+    # each seed's keys as its single run derives them, stacked on a leading seed axis (none with one seed)
+    seeds, seed_axis = [args.seed + k for k in range(args.num_seeds)], (args.num_seeds,) if args.num_seeds > 1 else ()
+    seed_keys = [jax.random.split(jax.random.PRNGKey(seed), 4) for seed in seeds]
+    key, actor_key, critic_key, eval_key = jnp.stack(seed_keys, axis=1) if args.num_seeds > 1 else seed_keys[0]
 
     # data: transitions on the device; for evaluation, the env the data was recorded on
     try:
@@ -852,22 +924,32 @@ if __name__ == "__main__":
     obs_dim, action_dim = data["obs"].shape[1], data["actions"].shape[1]
     sizes = f"{len(data['obs']):,} transitions, obs_dim {obs_dim}, action_dim {action_dim}"
     print(f"{dataset_id}: {sizes}, {device.platform}")
+    if args.num_seeds > 1:
+        print(f"seeds {seeds[0]}-{seeds[-1]}: {args.num_seeds} train states in one vmapped program, the data shared")
 
     actor = Actor(action_dim, tuple(action_space.low.tolist()), tuple(action_space.high.tolist()))
     critic = Critic()
     obs0, actions0, times0 = data["obs"][:1], data["actions"][:1], jnp.zeros(1)
-    actor_params = actor.init(actor_key, actions0, times0, times0, obs0)
-    critic_params = critic.init(critic_key, obs0, actions0)
-    actor_state = TrainState.create(apply_fn=actor.apply, params=actor_params, tx=adam(args.lr, args.grad_norm))
-    critic_state = CriticTrainState.create(
-        apply_fn=critic.apply,
-        params=critic_params,
-        target_params=jax.tree.map(jnp.copy, critic_params),
-        tx=adam(args.critic_lr, args.grad_norm),
-    )
+
+    def train_states(actor_key: jax.Array, critic_key: jax.Array) -> tuple[TrainState, CriticTrainState]:
+        actor_params = actor.init(actor_key, actions0, times0, times0, obs0)
+        critic_params = critic.init(critic_key, obs0, actions0)
+        actor_state = TrainState.create(apply_fn=actor.apply, params=actor_params, tx=adam(args.lr, args.grad_norm))
+        critic_state = CriticTrainState.create(
+            apply_fn=critic.apply,
+            params=critic_params,
+            target_params=jax.tree.map(jnp.copy, critic_params),
+            tx=adam(args.critic_lr, args.grad_norm),
+        )
+        return actor_state, critic_state
+
+    actor_state, critic_state = over_seeds(train_states, args.num_seeds)(actor_key, critic_key)
     if saved:  # --resume: networks, optimizers, update count, PRNG key; --eval-only: networks
         actor_state, critic_state, key = restore(saved, actor_state, critic_state, key, resume=bool(args.resume))
-    progress = saved["progress"] if args.resume else {"step": 0, "evaluations": [], "wandb_id": None, "policy_calls": 0}
+    progress = saved["progress"] if args.resume else {"step": 0, "evaluations": [], "wandb_id": None}
+    if not args.resume:  # policy calls per seed: a number with one seed
+        progress |= {"policy_calls": np.zeros(seed_axis, dtype=int).tolist()}
+        progress |= {"seed_evaluations": []} if args.num_seeds > 1 else {}
     progress |= {"start_step": progress["step"], "last_losses": (progress["step"], {})}
     for name in ("train_seconds", "eval_seconds", "compile_seconds"):
         progress.setdefault(name, 0.0)
@@ -885,28 +967,43 @@ if __name__ == "__main__":
     if updates_per_call != args.updates_per_call and args.total_steps > progress["step"]:
         print(f"--updates-per-call {args.updates_per_call} lowered to {updates_per_call} to divide --log-freq, "
               "--eval-freq, --checkpoint-freq and --total-steps (and the update resumed from)")  # fmt: skip
-    train_step = jax.jit(partial(update_many, actor, critic, args, updates_per_call), donate_argnums=(0, 1, 2, 3))
+    update_seeds = over_seeds(partial(update_many, actor, critic, args, updates_per_call), args.num_seeds,
+                              in_axes=(0, 0, 0, 0, None))  # fmt: skip
+    train_step = jax.jit(update_seeds, donate_argnums=(0, 1, 2, 3))
 
-    @jax.jit
-    def policy_step(actor_params, critic_target_params, obs: jax.Array, call: int) -> jax.Array:
+    def policy_step(actor_params, critic_target_params, eval_key: jax.Array, call, obs: jax.Array) -> jax.Array:
         key = jax.random.fold_in(eval_key, call)  # a fresh key per call, no host-side split
         return select_actions(actor, critic, actor_params, critic_target_params, obs, key, args.num_candidates)
 
-    def policy(obs: np.ndarray) -> jax.Array:
-        progress["policy_calls"] += 1  # checkpointed: a resumed run draws the same evaluation keys
-        return policy_step(actor_state.params, critic_state.target_params, obs, progress["policy_calls"] - 1)
+    policy_step = jax.jit(over_seeds(policy_step, args.num_seeds))
+
+    def policy(obs: np.ndarray, active: np.ndarray) -> jax.Array:
+        """Actions for (seeds x states, obs_dim) observations, seed by seed, in one call. A seed counts the calls
+        while it is `active` (checkpointed): its evaluation keys are its single run's, and a resumed run's."""
+        calls = np.asarray(progress["policy_calls"])
+        progress["policy_calls"] = (calls + active.reshape(seed_axis)).tolist()
+        obs_by_seed = obs.reshape(*seed_axis, -1, obs.shape[-1])
+        actions = policy_step(actor_state.params, critic_state.target_params, eval_key, calls, obs_by_seed)
+        return actions.reshape(len(obs), -1)
 
     def evaluate_and_log(step: int, num_episodes: int) -> np.ndarray:
-        returns = evaluate(policy, make_env, num_episodes, args.max_eval_envs, args.seed + step)
+        """Scores (seeds, episodes); logged: the mean, and with several seeds each seed's mean and their spread."""
+        returns = evaluate(policy, make_env, num_episodes, args.max_eval_envs, [seed + step for seed in seeds])
         scores = 100 * (returns - ref_min) / (ref_max - ref_min)
-        progress["evaluations"].append((step, float(scores.mean())))
-        writer.add_scalar("charts/normalized_score", scores.mean(), step)
-        print(f"update {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f} over {len(scores)} episodes")
+        seed_scores, pooled = scores.mean(axis=1), scores.reshape(-1)
+        progress["evaluations"].append((step, float(pooled.mean())))  # with equal episodes, the mean of seeds
+        add_seed_scalars(writer, "charts/normalized_score", seed_scores, step, seeds)
+        line = f"update {step}: normalized score {pooled.mean():.1f} +- {pooled.std():.1f} over {len(pooled)} episodes"
+        if args.num_seeds > 1:
+            progress["seed_evaluations"].append([step, seed_scores.tolist()])  # msgpack takes lists
+            each = ", ".join(f"{score:.1f}" for score in seed_scores)
+            line += f"; across seeds {seed_scores.mean():.1f} +- {seed_scores.std():.1f} ({each})"
+        print(line)
         return scores
 
     # TRY NOT TO MODIFY: the training loop
     stop_signals, charge = stop_requests(), stopwatch(progress)
-    first_nonfinite = jnp.zeros((), dtype=jnp.int32)  # the first update with a non-finite loss (0: none yet)
+    first_nonfinite = jnp.zeros(seed_axis, dtype=jnp.int32)  # the first update with a non-finite loss (0: none yet)
     if args.total_steps > progress["step"]:  # compiled ahead of the loop, timed apart from training
         compiling = time.perf_counter()
         train_step = train_step.lower(actor_state, critic_state, key, first_nonfinite, data).compile()
@@ -928,12 +1025,12 @@ if __name__ == "__main__":
         if step % args.log_freq == 0 or step == args.total_steps or checkpointing:
             host_losses, first = jax.device_get((losses, first_nonfinite))  # the only host synchronisation
             charge("train_seconds")
-            log_losses(writer, host_losses, int(first), progress, args)
+            log_losses(writer, host_losses, first, progress, args)
         if checkpointing:  # after this update's evaluation, which draws policy keys
             save_checkpoint(run_dir, actor_state, critic_state, key, progress, args)
         if stopping:
             write_summary(run_dir, progress, args, dataset_id, device, updates_per_call=updates_per_call,
-                          interrupted_at_step=step)  # fmt: skip
+                          interrupted_at_step=step, **seed_results(progress, seeds))  # fmt: skip
             writer.close()
             print(f"stopped at update {step}; continue with: python {sys.argv[0]} --resume {run_dir}")
             sys.exit(128 + stop_signals[0])
@@ -945,14 +1042,17 @@ if __name__ == "__main__":
         print(f"model saved to {run_dir}/model.msgpack")
 
     # final evaluation, decision frequency and summary
-    scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)
-    decision_hz = decision_frequency(policy, data["obs"])
+    scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)  # (seeds, episodes)
+    decision_hz = decision_frequency(policy, np.repeat(data["obs"][:1], args.num_seeds, axis=0))
     writer.add_scalar("charts/decision_hz", decision_hz, args.total_steps)
-    final = dict(normalized_score=float(scores.mean()), normalized_score_std=float(scores.std()))
-    final |= dict(return_mean=float(scores.mean() / 100 * (ref_max - ref_min) + ref_min), eval_episodes=len(scores))
-    final |= dict(decision_hz=decision_hz, updates_per_call=updates_per_call)
+    pooled = scores.reshape(-1)  # every episode of every seed
+    final = dict(normalized_score=float(pooled.mean()), normalized_score_std=float(pooled.std()))
+    final |= dict(return_mean=float(pooled.mean() / 100 * (ref_max - ref_min) + ref_min), eval_episodes=len(scores[0]))
+    final |= dict(decision_hz=decision_hz, updates_per_call=updates_per_call, **seed_results(progress, seeds, scores))
     summary = write_summary(run_dir, progress, args, dataset_id, device, **final)
     print(result_line(summary, run_dir))
+    if args.num_seeds > 1:
+        print(seeds_line(summary))
     writer.close()
     if args.track:
         import wandb

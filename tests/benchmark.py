@@ -12,6 +12,7 @@ Usage:
     MINARI_DATASETS_PATH=/path/to/datasets python tests/benchmark.py
     python tests/benchmark.py --scripts dql ofql --updates 5000 --repeats 3 --threads 2
     python tests/benchmark.py --cuda --extra-flags=--compile       # --extra-flags goes to the torch scripts only
+    python tests/benchmark.py --scripts ofql_jax --jax-num-seeds 1 5  # ofql_jax.py once per --num-seeds: seed-updates/s
     python tests/benchmark.py --reference-dir ~/Diffusion-Policies-for-Offline-RL
 """
 
@@ -55,9 +56,11 @@ def run_once(name: str, args) -> dict | None:
             str(args.updates),
         ]
     else:
+        script, *seed_flags = name.split()  # "ofql_jax --num-seeds 5": a script and its flags
         cmd = [
             sys.executable,
-            str(REPO / f"{name}.py"),
+            str(REPO / f"{script}.py"),
+            *seed_flags,
             "--total-steps",
             str(args.updates),
             "--log-freq",
@@ -65,7 +68,7 @@ def run_once(name: str, args) -> dict | None:
         ]
         # a multiple of --updates: no periodic evaluation, and ofql_jax.py keeps its updates per call (a gcd with it)
         cmd += ["--eval-freq", str(2 * args.updates), "--final-eval-episodes", "1", "--max-eval-envs", "1"]
-        cmd += shlex.split(args.extra_flags) if name != "ofql_jax" else []
+        cmd += shlex.split(args.extra_flags) if script != "ofql_jax" else []
     with tempfile.TemporaryDirectory(prefix=f"benchmark_{name.replace(' ', '_')}_") as cwd:
         code, rss_mib = run_child(cmd + common, cwd)
         summaries = glob.glob(os.path.join(cwd, "runs", "*", "summary.json"))
@@ -169,7 +172,15 @@ def table(results: dict, baseline: str = "dql") -> str:
 
     base_ups, base_hz = median(baseline, "updates_per_second"), median(baseline, "decision_hz")
     ref_ups = median(REFERENCE, "updates_per_second")
+
+    def seed_updates(name):  # updates/s x the seeds each update trains (ofql_jax.py --num-seeds); the last column
+        ups = median(name, "updates_per_second")
+        seeds = results[name][0].get("args", {}).get("num_seeds", 1)
+        return f" {ups * seeds:.1f} |" if ups else " - |"
+
+    seeds_column = any("--num-seeds" in name for name in results)
     head = "| script | updates/s | min-max | decision Hz | min-max | peak RSS MiB | updates/s vs dql.py | decision time dql.py / script | compile s |"
+    head += " seed-updates/s |" if seeds_column else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, runs in results.items():
         if not runs:
@@ -180,11 +191,11 @@ def table(results: dict, baseline: str = "dql") -> str:
             median(name, "decision_hz"),
             median(name, "compile_seconds"),
         )
-        label = name if name == REFERENCE else f"{name}.py"
+        label = name if name == REFERENCE else name.replace(" ", ".py ", 1) if " " in name else f"{name}.py"
         lines.append(
             f"| {label} | {ups:.1f} | {spread(name, 'updates_per_second')} | {hz:.1f} | {spread(name, 'decision_hz')} | "
             f"{max(run['rss_mib'] for run in runs):.0f} | {ratio(ups, base_ups)} | {ratio(hz, base_hz)} | "
-            f"{f'{compile_s:.1f}' if compile_s else '-'} |"
+            f"{f'{compile_s:.1f}' if compile_s else '-'} |" + (seed_updates(name) if seeds_column else "")
         )
     if ref_ups and base_ups:
         lines.append(f"\ndql.py runs {ratio(base_ups, ref_ups)} the updates/s of the {REFERENCE}.")
@@ -211,12 +222,19 @@ def main():
     parser.add_argument(
         "--reference-dir", help="a checkout of Diffusion-Policies-for-Offline-RL: also time its DQL agent"
     )
+    parser.add_argument(
+        "--jax-num-seeds", nargs="+", type=int, help="run ofql_jax.py once per N with --num-seeds N (seed-updates/s)"
+    )
     parser.add_argument("--run-reference", action="store_true", help=argparse.SUPPRESS)  # internal: the reference child
     args = parser.parse_args()
     if args.run_reference:
         return run_reference(args)
 
-    names = args.scripts + ([REFERENCE] if args.reference_dir else [])
+    names = [
+        f"{name} --num-seeds {n}" if n else name
+        for name in args.scripts
+        for n in (args.jax_num_seeds if name == "ofql_jax" and args.jax_num_seeds else [None])
+    ] + ([REFERENCE] if args.reference_dir else [])
     results = {name: [] for name in names}
     start = time.perf_counter()
     for repeat in range(args.repeats):

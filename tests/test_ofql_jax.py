@@ -40,7 +40,7 @@ def test_tables_and_names_are_ofqls():
     assert ofql_jax.TASK_FIELDS == ofql.TASK_FIELDS and ofql_jax.DEFAULT_TASK == ofql.DEFAULT_TASK
     assert ofql_jax.D4RL_TO_MINARI == ofql.D4RL_TO_MINARI and ofql_jax.D4RL_REF_SCORES == ofql.D4RL_REF_SCORES
     assert ofql_jax.COMBINED == ofql.COMBINED and ofql_jax.D4RL_FILE_ENVS == ofql.D4RL_FILE_ENVS
-    assert ofql_jax.RANGES == ofql.RANGES | {"updates_per_call": "[1, inf)"}
+    assert ofql_jax.RANGES == ofql.RANGES | {"updates_per_call": "[1, inf)", "num_seeds": "[1, inf)"}
     assert ofql_jax.resolve_dataset_id("hopper-medium-v2") == "mujoco/hopper/medium-v0"
     with pytest.raises(ValueError, match="Did you mean: hopper-medium"):
         ofql_jax.resolve_dataset_id("hoper-medium-v2")
@@ -246,6 +246,7 @@ def test_end_to_end_run_writes_summary_and_model(full_run, tmp_path):
     assert "update 300/300" in summary["stdout"] and "updates/s" in summary["stdout"]
     assert list(summary["run_dir"].glob("events.out.tfevents.*"))  # tensorboard log
     assert (summary["run_dir"] / "checkpoint.msgpack").is_file() and summary["resumed_from_step"] is None
+    assert not [key for key in summary if "seed" in key and key != "seed"]  # one seed: today's summary, no seed keys
 
     # the saved networks evaluate alone, with plain one-step sampling
     evaluation = run_ofql_jax(
@@ -339,3 +340,201 @@ def test_a_failed_download_prints_one_line(tmp_path):
     (line,) = run.stderr.strip().splitlines()
     assert line.startswith("error: mujoco/hopper/expert-v0 is not local") and "MINARI_DATASETS_PATH unset" in line
     assert not (tmp_path / "runs").exists()
+
+
+# Several seeds in one run (--num-seeds): a leading seed axis, the update and the policy vmapped over it.
+SEED_FLAGS = "--total-steps 40 --eval-freq 20 --eval-episodes 2 --final-eval-episodes 2 --log-freq 10 --updates-per-call 10".split()
+
+
+def test_evaluation_of_several_seeds_is_each_seeds_own():
+    """Two seeds' policies in one vectorized env: each seed's returns and policy calls are those of its evaluation alone."""
+
+    def make_env():
+        return ofql_jax.gym.make("Hopper-v5", max_episode_steps=30)
+
+    def policy_of(counts: list, seeds_gain: np.ndarray):  # a deterministic policy per seed, counting its active calls
+        def policy(obs, active):
+            counts.append(active.copy())
+            obs = obs.reshape(len(seeds_gain), -1, obs.shape[-1])
+            return np.tanh(seeds_gain[:, None, None] * obs[..., :3]).reshape(-1, 3)
+
+        return policy
+
+    together_counts, alone_counts = [], [[], []]
+    together = ofql_jax.evaluate(policy_of(together_counts, np.array([1.0, -2.0])), make_env, 3, 2, [5, 9])
+    alone = [
+        ofql_jax.evaluate(policy_of(alone_counts[k], np.array([gain])), make_env, 3, 2, [seed])
+        for k, (gain, seed) in enumerate(((1.0, 5), (-2.0, 9)))
+    ]
+    assert together.shape == (2, 3)
+    np.testing.assert_array_equal(together, np.concatenate(alone))  # the same episodes, in the same order
+    assert [sum(active[k] for active in together_counts) for k in range(2)] == [len(counts) for counts in alone_counts]
+
+
+@pytest.fixture(scope="module")
+def seeds_run(minari_path, tmp_path_factory) -> dict:
+    """Seeds 1 and 2 in one run, checkpointing every 20 updates, the networks saved."""
+    return run_ofql_jax(
+        tmp_path_factory.mktemp("seeds"), *SEED_FLAGS, "--num-seeds", "2", "--checkpoint-freq", "20", "--save-model"
+    )
+
+
+def test_seeds_in_one_run_follow_their_single_runs(seeds_run, tmp_path):
+    """Seed k of `--seed 1 --num-seeds 2` draws the keys, batches and evaluation envs of `--seed k`: the same losses and
+    scores to float32 rounding (the batched matmuls round differently)."""
+    singles = {}
+    for seed in (1, 2):  # both at once: the machine has two cores
+        (tmp_path / str(seed)).mkdir()
+        singles[seed] = subprocess.Popen(
+            [*COMMAND, *SEED_FLAGS, "--seed", str(seed)],
+            cwd=tmp_path / str(seed),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    for process in singles.values():
+        assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    batched = logged_scalars(seeds_run["run_dir"])
+    for seed in (1, 2):
+        (single_dir,) = (tmp_path / str(seed)).glob("runs/*")
+        single, summary = logged_scalars(single_dir), json.loads((single_dir / "summary.json").read_text())
+        for name in ofql_jax.LOSSES:
+            expected = single[f"losses/{name}"]
+            assert sorted(expected) == [10, 20, 30, 40]
+            got = batched[f"losses/{name}/seed_{seed}"]
+            np.testing.assert_allclose(
+                [got[step] for step in expected], list(expected.values()), rtol=1e-4, atol=1e-6, err_msg=name
+            )
+        k = seed - 1
+        assert [step for step, _ in seeds_run["seed_evaluations"][k]] == [20, 40]
+        np.testing.assert_allclose(
+            [score for _, score in seeds_run["seed_evaluations"][k]],
+            [score for _, score in summary["evaluations"]],
+            rtol=1e-4,
+        )
+        assert seeds_run["seed_normalized_scores"][k] == pytest.approx(summary["normalized_score"], rel=1e-4)
+
+    # what a run of several seeds adds: each seed's scores, their mean and spread across seeds, the mean's curves
+    summary = seeds_run
+    assert summary["num_seeds"] == 2 and summary["seeds"] == [1, 2] and summary["eval_episodes"] == 2
+    seed_scores = np.array(summary["seed_normalized_scores"])
+    assert summary["seed_normalized_score_mean"] == pytest.approx(seed_scores.mean()) == summary["normalized_score"]
+    assert summary["seed_normalized_score_std"] == pytest.approx(seed_scores.std())
+    assert summary["seed_best_normalized_scores"] == [
+        max(score for _, score in curve) for curve in summary["seed_evaluations"]
+    ]
+    assert [step for step, _ in summary["evaluations"]] == [20, 40]
+    assert summary["evaluations"][-1][1] == pytest.approx(seed_scores.mean())
+    assert (
+        summary["stdout"]
+        .strip()
+        .splitlines()[-1]
+        .startswith(
+            f"{HOPPER_DATASET_ID}: 2 seeds, normalized score {seed_scores.mean():.1f} +- {seed_scores.std():.1f} across seeds"
+        )
+    )
+    assert batched["charts/normalized_score"][40] == pytest.approx(seed_scores.mean(), rel=1e-6)
+    assert batched["losses/critic_loss"][40] == pytest.approx(
+        (batched["losses/critic_loss/seed_1"][40] + batched["losses/critic_loss/seed_2"][40]) / 2, rel=1e-6
+    )
+
+
+def test_seeds_in_one_run_stop_and_resume_exactly(seeds_run, tmp_path):
+    """SIGTERM checkpoints every seed, --resume continues them exactly (the same losses and scores)."""
+    cwd = tmp_path / "interrupted"
+    cwd.mkdir()
+    run = subprocess.Popen(
+        [*COMMAND, *SEED_FLAGS, "--num-seeds", "2", "--checkpoint-freq", "20"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = []
+    for line in run.stdout:
+        output.append(line)
+        if line.startswith("update 10/40"):
+            run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=600) == 128 + signal.SIGTERM, "".join(output)[-3000:]
+    (run_dir,) = cwd.glob("runs/*")
+    interrupted = json.loads((run_dir / "summary.json").read_text())
+    stopped = interrupted["interrupted_at_step"]
+    assert 10 <= stopped < 40 and interrupted["seeds"] == [1, 2]
+    saved = ofql_jax.load_msgpack(str(run_dir / "checkpoint.msgpack"))
+    assert (
+        saved["key"].shape == (2, 2) and saved["args"]["num_seeds"] == 2 and len(saved["progress"]["policy_calls"]) == 2
+    )
+    assert all(
+        leaf.shape[0] == 2
+        for name in ofql_jax.NETWORKS + ofql_jax.OPTIMIZERS
+        for leaf in jax.tree.leaves(saved[name])
+        if leaf.ndim
+    )
+
+    resumed = run_ofql_jax(cwd, "--resume", str(run_dir.relative_to(cwd)))
+    assert resumed["resumed_from_step"] == stopped and resumed["total_steps"] == 40
+    for key in ("evaluations", "seed_evaluations", "seed_normalized_scores", "normalized_score"):  # the same keys drawn
+        assert resumed[key] == seeds_run[key], key
+    expected, got = logged_scalars(seeds_run["run_dir"]), logged_scalars(run_dir)
+    for tag in [tag for tag in expected if tag.startswith("losses/")]:
+        assert {step: got[tag][step] for step in expected[tag]} == expected[tag], tag
+
+
+def test_seeds_in_one_run_model_evaluates_every_seed_and_resume_keeps_the_seeds(seeds_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ofql_jax.py", "--resume", str(seeds_run["run_dir"]), "--num-seeds", "3"])
+    with pytest.raises(SystemExit, match="^error: --num-seeds 3: the run trains 2 seeds$"):
+        ofql_jax.parse_args()
+    evaluation = run_ofql_jax(
+        tmp_path,
+        "--eval-only",
+        "--checkpoint",
+        str(seeds_run["run_dir"] / "model.msgpack"),
+        "--final-eval-episodes",
+        "2",
+    )
+    assert evaluation["total_steps"] == 0 and evaluation["num_seeds"] == 2 and evaluation["args"]["num_seeds"] == 2
+    assert len(evaluation["seed_normalized_scores"]) == 2 and np.isfinite(evaluation["seed_normalized_scores"]).all()
+    assert evaluation["stdout"].strip().splitlines()[-1].startswith(f"{HOPPER_DATASET_ID}: 2 seeds, normalized score")
+
+
+def test_a_non_finite_loss_of_several_seeds_names_the_seed(minari_path, tmp_path):
+    flags = [
+        "--num-seeds",
+        "2",
+        "--seed",
+        "7",
+        "--total-steps",
+        "20",
+        "--log-freq",
+        "10",
+        "--checkpoint-freq",
+        "1",
+        "--lr",
+        "1e30",
+    ]
+    run = subprocess.run([*COMMAND, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert (
+        "error: non-finite loss at update 2 of seed 7" in run.stderr
+        and "the last finite losses, at update 1: critic_loss" in run.stderr
+    )
+    assert not list(tmp_path.glob("runs/*/summary.json"))
+    (checkpoint,) = tmp_path.glob("runs/*/checkpoint.msgpack")
+    saved = ofql_jax.load_msgpack(str(checkpoint))
+    assert saved["progress"]["step"] == 1 and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved["actor"]))
+
+
+def test_benchmark_table_gives_seed_updates_per_second_per_num_seeds():
+    """tests/benchmark.py --jax-num-seeds 1 5: a row per N, and a last column of updates/s x N (the run itself: docs)."""
+    import benchmark
+
+    run = dict(decision_hz=300.0, rss_mib=900.0, compile_seconds=7.0)
+    results = {
+        f"ofql_jax --num-seeds {n}": [run | {"updates_per_second": ups, "args": {"num_seeds": n}}]
+        for n, ups in ((1, 20.0), (5, 8.0))
+    }
+    rows = benchmark.table(results).splitlines()
+    assert rows[0].endswith("| compile s | seed-updates/s |")
+    assert rows[2].startswith("| ofql_jax.py --num-seeds 1 | 20.0 |") and rows[2].endswith("| 20.0 |")
+    assert rows[3].startswith("| ofql_jax.py --num-seeds 5 | 8.0 |") and rows[3].endswith("| 40.0 |")
+    assert "seed-updates/s" not in benchmark.table({"ofql_jax": [run | {"updates_per_second": 20.0}]})  # as before

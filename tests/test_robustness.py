@@ -249,6 +249,7 @@ OUT_OF_RANGE = {
     "ema_start": "-1",
     "ema_every": "0",
     "updates_per_call": "0",
+    "num_seeds": "0",
 }
 
 
