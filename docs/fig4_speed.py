@@ -67,6 +67,7 @@ def main():
             ax.set_yticks(range(len(rows)), labels if ax is hours_ax else [""] * len(rows))
             ax.invert_yaxis()
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no overlapping labels
             ax.set_title(f"{title}\n{name}" if ax is hours_ax else name, fontsize=9, loc="left")
             for i, value in enumerate(values):
                 ax.annotate(f"{value:.2g}" if value < 10 else f"{value:,.0f}", (value, i), xytext=(3, 0),
