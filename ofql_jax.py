@@ -836,7 +836,15 @@ def restore(saved: dict, actor_state, critic_state, key: jax.Array, resume: bool
     key. Returns the train states and the key."""
     templates = named_states(actor_state, critic_state)
     names = NETWORKS + OPTIMIZERS if resume else NETWORKS
-    state = {name: jax.device_put(flax.serialization.from_state_dict(templates[name], saved[name])) for name in names}
+    try:
+        state = {name: flax.serialization.from_state_dict(templates[name], saved[name]) for name in names}
+        shapes = [[leaf.shape for leaf in jax.tree.leaves(tree[name])] for tree in (state, templates) for name in names]
+        if shapes[: len(names)] != shapes[len(names) :]:
+            raise ValueError("the arrays have other shapes")
+    except (KeyError, ValueError) as error:  # another script's model, or another dataset's shapes
+        problem = " ".join(str(error).split())[:200]
+        raise SystemExit(f"error: the saved networks do not fit this script and dataset ({problem})") from None
+    state = jax.device_put(state)
     actor_state = actor_state.replace(params=state["actor"])
     critic_state = critic_state.replace(params=state["critic"], target_params=state["critic_target"])
     if resume:

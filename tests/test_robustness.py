@@ -528,3 +528,45 @@ def test_cuda_graphed_keeps_one_graph_per_input_shapes_and_host_values(script, m
     outputs = [graphed(x, True), graphed(x, True), graphed(x, False), graphed(other, True)]
     assert len(made) == 3 and made[0] >= 2
     assert [o["y"].tolist() for o in outputs] == [(x * 2).tolist()] * 2 + [(x + 1).tolist(), (other * 2).tolist()]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_failed_download_prints_one_line(script, tmp_path):
+    """Without network, Minari's download retries (huggingface_hub logs each retry): the user sees one error line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MINARI_DATASETS_PATH", "HF_HUB_OFFLINE")}
+    env |= {"HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: refused at once
+    result = run(script, tmp_path, "--env-id", "hopper-expert-v2", "--no-cuda", env=env, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: mujoco/hopper/expert-v0 is not local") and "MINARI_DATASETS_PATH unset" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def cut_first_array(tree):
+    """tree with its first array one row shorter (depth first): a model of other shapes, as another dataset's."""
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            return tree | {name: cut_first_array(value)}
+        return tree | {name: value[:-1]}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_model_of_other_shapes_fails_with_one_line(script, minari_path, tmp_path):
+    """--eval-only with a model whose arrays do not fit this dataset's networks: one line, exit code 1, no traceback,
+    no run folder."""
+    flags = ("--env-id", HOPPER_DATASET_ID, *QUICK)
+    assert run(script, tmp_path, *flags, "--total-steps", "2", "--log-freq", "1", "--save-model").returncode == 0
+    (model,) = (tmp_path / "runs").glob("*/model.*")
+    other = tmp_path / f"other{model.suffix}"
+    if script == "ofql_jax":
+        from flax.serialization import msgpack_restore, msgpack_serialize
+
+        saved = msgpack_restore(model.read_bytes())
+        other.write_bytes(msgpack_serialize(saved | {"critic": cut_first_array(saved["critic"])}))
+    else:
+        saved = torch.load(model)
+        torch.save(saved | {"critic": cut_first_array(dict(saved["critic"]))}, other)
+    result = run(script, tmp_path, *flags, "--eval-only", "--checkpoint", str(other), timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the saved networks do not fit this script")
+    assert len(list((tmp_path / "runs").iterdir())) == 1
