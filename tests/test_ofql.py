@@ -257,5 +257,3 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
     assert evaluation["total_steps"] == 0 and evaluation["eval_episodes"] == 3 and evaluation["num_candidates"] == 1
     assert np.isfinite(evaluation["normalized_score"]) and evaluation["decision_hz"] > 0
     assert "training" not in evaluation["stdout"] and "updates/s" not in evaluation["stdout"]  # it did not train
-
-
