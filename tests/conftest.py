@@ -1,6 +1,8 @@
 """Shared fixtures: small Minari datasets and D4RL-layout hdf5 files, made offline from real env rollouts."""
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -146,3 +148,19 @@ def pen_dataset(minari_path) -> str:
         ref_max_score=3000.0,
     )
     return PEN_DATASET_ID
+
+
+def stop_with_sigterm(script: str, cwd, flags: tuple[str, ...], after_update: int) -> tuple:
+    """Start a run in cwd, send SIGTERM once it logged `after_update`; its run folder and output once it exited 128 + 15."""
+    cwd.mkdir()
+    command = [sys.executable, str(ROOT / f"{script}.py"), *flags]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in process.stdout:
+        if line.startswith(f"update {after_update}/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM, output[-2000:]
+    (run_dir,) = (cwd / "runs").iterdir()
+    return run_dir, output

@@ -1,7 +1,6 @@
 """Tests of ofql_jax.py: the same tables as ofql.py, the JVP target, agreement with ofql.py's torch code, an end-to-end run."""
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HOPPER_DATASET_ID, ROOT
+from conftest import HOPPER_DATASET_ID, ROOT, stop_with_sigterm
 
 jax = pytest.importorskip("jax")  # a guard only: CI installs the `jax` extra, so these tests run there
 import jax.numpy as jnp  # noqa: E402
@@ -265,34 +264,21 @@ def test_end_to_end_run_writes_summary_and_model(full_run, tmp_path):
 
 
 def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
-    run = subprocess.Popen(
-        [*COMMAND, *FLAGS, "--checkpoint-freq", "100"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output = []
-    for (
-        line
-    ) in run.stdout:  # stop it once training is under way: at the next call boundary the host sees (200 at the latest)
-        output.append(line)
-        if line.startswith("update 100/300"):
-            run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=600) == 128 + signal.SIGTERM, "".join(output)[-3000:]
-    (run_dir,) = tmp_path.glob("runs/*")
+    # stopped once training is under way: at the next call boundary the host sees (200 at the latest)
+    cwd, flags = tmp_path / "interrupted", (*COMMAND[3:], *FLAGS, "--checkpoint-freq", "100")
+    run_dir, output = stop_with_sigterm("ofql_jax", cwd, flags, after_update=100)
     interrupted = json.loads((run_dir / "summary.json").read_text())
     stopped = interrupted["interrupted_at_step"]
-    assert 100 <= stopped < 300 and f"--resume {run_dir.relative_to(tmp_path)}" in "".join(output)
+    assert 100 <= stopped < 300 and f"--resume {run_dir.relative_to(cwd)}" in output
     assert (run_dir / "checkpoint.msgpack").is_file() and not list(run_dir.glob("*.tmp"))
     saved = ofql_jax.load_msgpack(str(run_dir / "checkpoint.msgpack"))
     assert {"actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "key", "args"} <= set(saved)
     progress_keys = set("step evaluations wandb_id policy_calls train_seconds eval_seconds compile_seconds".split())
     assert progress_keys <= set(saved["progress"]) and saved["progress"]["step"] == stopped
 
-    resumed = run_ofql_jax(tmp_path, "--resume", str(run_dir.relative_to(tmp_path)))
+    resumed = run_ofql_jax(cwd, "--resume", str(run_dir.relative_to(cwd)))
     assert resumed["resumed_from_step"] == stopped and resumed["total_steps"] == 300 and resumed["run_dir"] == run_dir
-    assert f"resuming {run_dir.relative_to(tmp_path)} from update {stopped}" in resumed["stdout"]
+    assert f"resuming {run_dir.relative_to(cwd)} from update {stopped}" in resumed["stdout"]
     # the same PRNG stream: the same losses, bit for bit, and the same evaluations
     assert (
         resumed["evaluations"] == full_run["evaluations"]
@@ -430,22 +416,8 @@ def test_seeds_in_one_run_follow_their_single_runs(seeds_run, tmp_path):
 
 def test_seeds_in_one_run_stop_and_resume_exactly(seeds_run, tmp_path):
     """SIGTERM checkpoints every seed, --resume continues them exactly (the same losses and scores)."""
-    cwd = tmp_path / "interrupted"
-    cwd.mkdir()
-    run = subprocess.Popen(
-        [*COMMAND, *SEED_FLAGS, "--num-seeds", "2", "--checkpoint-freq", "20"],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output = []
-    for line in run.stdout:
-        output.append(line)
-        if line.startswith("update 10/40"):
-            run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=600) == 128 + signal.SIGTERM, "".join(output)[-3000:]
-    (run_dir,) = cwd.glob("runs/*")
+    cwd, flags = tmp_path / "interrupted", (*COMMAND[3:], *SEED_FLAGS, "--num-seeds", "2", "--checkpoint-freq", "20")
+    run_dir, _ = stop_with_sigterm("ofql_jax", cwd, flags, after_update=10)
     interrupted = json.loads((run_dir / "summary.json").read_text())
     stopped = interrupted["interrupted_at_step"]
     assert 10 <= stopped < 40 and interrupted["seeds"] == [1, 2]

@@ -4,7 +4,6 @@ checkpoints with --resume, and reproducible CPU runs. Parametrized over the four
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import minari
 import numpy as np
 import pytest
 import torch
-from conftest import HOPPER_DATASET_ID, ROOT, hopper_episodes, write_d4rl_file
+from conftest import HOPPER_DATASET_ID, ROOT, hopper_episodes, stop_with_sigterm, write_d4rl_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SCRIPTS = ["ofql", "dql", "fql", "ofql_jax"]
@@ -43,22 +42,6 @@ def logged_losses(run_dir) -> dict[str, dict[int, float]]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return {name: {e.step: e.value for e in events.Scalars(f"losses/{name}")} for name in LOSSES}
-
-
-def stop_with_sigterm(script: str, cwd, flags: tuple[str, ...], after_update: int) -> tuple:
-    """Start a run in cwd, send SIGTERM once it logged `after_update`; its run folder and output once it exited 128 + 15."""
-    cwd.mkdir()
-    command = [sys.executable, str(ROOT / f"{script}.py"), *flags]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for line in process.stdout:
-        if line.startswith(f"update {after_update}/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.stdout.read()
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM, output[-2000:]
-    (run_dir,) = (cwd / "runs").iterdir()
-    return run_dir, output
 
 
 # Datasets ---------------------------------------------------------------------------------------------------------
