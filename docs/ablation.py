@@ -296,7 +296,8 @@ def report_eta_sweep(base: str, out: str):
             steps = "/".join(str(n) for n in sorted({s["total_steps"] for s in summaries}))
             rows.append(f"| {eta:g} | {mean_std(finals)} | {mean_std(best)} | {len(summaries)} | {steps} |")
             etas.append(eta), means.append(np.mean(finals)), stds.append(np.std(finals))
-        ax.errorbar(etas, means, stds, marker="o", capsize=4, label=name)
+        if etas:  # a dataset whose runs are not in yet stays out of the legend
+            ax.errorbar(etas, means, stds, marker="o", capsize=4, label=name)
         print(f"\neta sweep, {name}; mean +- std across seeds:\n" + "\n".join(rows))
     ax.set(xscale="log", xlabel="eta", ylabel="final normalized score", title="OFQL: eta sweep")
     ax.legend(fontsize=8)
