@@ -162,7 +162,7 @@ def run_jobs(jobs: list[Job], num_parallel: int):
     pending = [job for job in jobs if not done(job)]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs done; {len(pending)} to go, {num_parallel} at a time")
     running: dict[subprocess.Popen, Job] = {}
-    stopping = []
+    stopping, forwarded = [], False
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     start = time.time()
@@ -178,10 +178,13 @@ def run_jobs(jobs: list[Job], num_parallel: int):
                 log.write(f"\n$ {shlex.join(job.command)}\n")
                 log.flush()
                 env = os.environ | {"PYTHONUNBUFFERED": "1"}  # progress lines reach log.txt as they are printed
-                proc = subprocess.Popen(job.command, cwd=job.folder, stdout=log, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(  # its own session: a Ctrl-C reaches the scripts once, through this loop
+                    job.command, cwd=job.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
             running[proc] = job
             print(f"[{time.time() - start:6.0f} s] start {job.folder}", flush=True)
-        if stopping:
+        if stopping and not forwarded:  # once: a second signal would stop a script before it checkpoints
+            forwarded = True
             for proc in running:
                 proc.send_signal(signal.SIGTERM)
         for proc in [proc for proc in running if proc.poll() is not None]:

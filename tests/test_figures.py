@@ -4,8 +4,10 @@ the eta sweep): they run, write their PNGs and print their tables."""
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,22 @@ def test_fig4_speed_reads_the_benchmark_outputs_in_docs_and_writes_a_png(tmp_pat
     assert len(rows) == sum(
         path.read_text().count("\n| ") - path.read_text().count("\n| script") for path in map(Path, inputs)
     )
+
+
+def test_ablation_stopped_by_sigterm_checkpoints_its_runs_and_resumes_them(minari_path, tmp_path):
+    """SIGTERM to the runner reaches each script once: it checkpoints and stops; the same command resumes it."""
+    flags = "--threads 1 --no-cuda --final-eval-episodes 1 --eval-episodes 1 --max-eval-envs 1 --log-freq 10"
+    grid = [sys.executable, str(ROOT / "docs" / "ablation.py"), "ablation", "--datasets", HOPPER_DATASET_ID]
+    grid += ["--seeds", "1", "--methods", "ofql", "--total-steps", "600", "--eval-freq", "200", f"--flags={flags}"]
+    runner = subprocess.Popen(grid, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "runs" / "paper" / "ablation" / HOPPER_DATASET_ID.replace("/", "_") / "ofql" / "seed1" / "log.txt"
+    for _ in range(300):  # until training is under way
+        if log.is_file() and "update 20/600" in log.read_text():
+            break
+        time.sleep(0.5)
+    runner.send_signal(signal.SIGTERM)
+    output = runner.communicate(timeout=300)[0]
+    assert runner.returncode == 0 and "0 of 1 runs done" in output, output
+    assert "stopped at update" in log.read_text() and "KeyboardInterrupt" not in log.read_text()
+    resumed = ablation(*grid[2:], cwd=tmp_path)
+    assert "1 of 1 runs done" in resumed and "--resume" in log.read_text().split("$ ")[-1]
