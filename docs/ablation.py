@@ -332,6 +332,7 @@ def main():
     args = parser.parse_args()
 
     if args.command == "report":
+        os.makedirs(args.out, exist_ok=True)
         for grid, make_report in (("ablation", report_ablation), ("eta_sweep", report_eta_sweep)):
             if os.path.isdir(os.path.join(args.runs_dir, grid)):
                 make_report(os.path.join(args.runs_dir, grid), args.out)

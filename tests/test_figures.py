@@ -84,8 +84,8 @@ def test_eta_sweep_trains_each_eta_and_reports_score_against_eta(minari_path, tm
         f"--flags={flags}",
     )
     assert "4 of 4 runs done" in ablation(*sweep, cwd=tmp_path)
-    report = ablation("report", "--runs-dir", "runs", "--out", str(tmp_path), cwd=tmp_path)
-    assert (tmp_path / "eta_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = ablation("report", "--runs-dir", "runs", "--out", str(tmp_path / "figures"), cwd=tmp_path)  # made
+    assert (tmp_path / "figures" / "eta_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = re.findall(r"^\| ([\d.]+) \| (-?[\d.]+) \+- [\d.]+ \| .* \| (\d) \| 10 \|$", report, re.MULTILINE)
     assert [(eta, seeds) for eta, _, seeds in rows] == [("0.01", "2"), ("0.3", "2")], report
 

@@ -32,7 +32,7 @@ def test_unknown_name_suggests_close_ones():
 def test_task_table_fills_defaults_and_command_line_wins():
     args, line = ofql.task_defaults(ofql.Args(env_id="sac/hopper/medium-replay-v0"))
     assert (args.grad_norm, args.max_q_backup, args.reward_tune, args.total_steps) == (4.0, False, "none", 2_000_000)
-    assert line.startswith("task row hopper-medium-replay: lr 0.0003, eta 0.1,") and "not the row" not in line
+    assert line.startswith("task row hopper-medium-replay: lr 0.0003, eta 0.01,") and "not the row" not in line
     args, line = ofql.task_defaults(ofql.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))
     assert (args.eta, args.max_q_backup, args.lr, args.reward_tune) == (0.3, True, 1e-3, "cql")
     assert line.endswith("(not the row's: eta)")  # max_q_backup True is the row's
