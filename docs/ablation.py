@@ -218,7 +218,10 @@ def read_runs(folder: str) -> list[dict]:
 
 
 def mean_std(values) -> str:
-    return f"{np.mean(values):.1f} +- {np.std(values):.1f}" if len(values) else "-"
+    """mean +- std across seeds; one seed has no spread to show."""
+    if len(values) < 2:
+        return f"{values[0]:.1f}" if len(values) else "-"
+    return f"{np.mean(values):.1f} +- {np.std(values):.1f}"
 
 
 def curves(summaries: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
