@@ -118,6 +118,9 @@ class Args:
     """target critic smoothing coefficient"""
     flow_ratio: float = 0.5
     """fraction of each batch with r = t (plain flow matching pairs)"""
+    acting_ratio: float = 0.0
+    """fraction of each batch (its end, before flow_ratio's) at (r, t) = (0, 1), where one-step sampling acts (Eq. 18);
+    0: the paper's"""
     time_mu: float = -0.4
     """mean of the logit-normal that t and r are drawn from"""
     time_sigma: float = 1.0
@@ -132,7 +135,8 @@ RANGES = {
     **{flag: "[1, inf)" for flag in ("batch_size", "eval_freq", "eval_episodes", "final_eval_episodes", "log_freq")},
     **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
-    **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "time_mu": "(-inf, inf)"},
+    **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]"},
+    **{"time_mu": "(-inf, inf)"},
 }
 
 # Per-task defaults, the fields of TASK_FIELDS in order. lr, max-Q backup, reward shaping, updates (epochs x 1000)
@@ -240,11 +244,13 @@ def sample_actions(actor: Actor, obs: torch.Tensor) -> torch.Tensor:
     return (noise - actor(noise, zeros, ones, obs)).clamp(actor.action_low, actor.action_high)
 
 
-def sample_time_pairs(batch_size: int, flow_ratio: float, mu: float, sigma: float, device) -> tuple[torch.Tensor, ...]:
-    """(t, r) from a logit-normal, ordered so that r <= t; r = t for the first `flow_ratio` of the batch."""
+def sample_time_pairs(batch_size: int, flow_ratio: float, mu: float, sigma: float, device, acting_ratio: float = 0.0):
+    """(t, r) from a logit-normal, ordered so that r <= t; r = t for the first `flow_ratio` of the batch, and
+    (r, t) = (0, 1), the pair one-step actions are drawn with (Eq. 18), for the last `acting_ratio` (which wins)."""
     t, r = torch.sigmoid(torch.randn(2, batch_size, device=device) * sigma + mu).sort(dim=0, descending=True).values
-    equal = torch.arange(batch_size, device=device) < round(flow_ratio * batch_size)
-    return t, torch.where(equal, t, r)
+    index = torch.arange(batch_size, device=device)
+    equal, acting = index < round(flow_ratio * batch_size), index >= batch_size - round(acting_ratio * batch_size)
+    return torch.where(acting, 1.0, t), torch.where(acting, 0.0, torch.where(equal, t, r))
 
 
 def mean_flow_loss(actor: Actor, obs, actions, t, r, noise) -> torch.Tensor:
@@ -282,7 +288,7 @@ def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, 
     gradient_step(optimizers["critic_optimizer"], critic, critic_loss, args.grad_norm)
 
     # actor: MeanFlow BC (Eq. 17) - eta * Q / |Q| (Eq. 19), the Q term through ONE network call
-    t, r = sample_time_pairs(obs.shape[0], args.flow_ratio, args.time_mu, args.time_sigma, obs.device)
+    t, r = sample_time_pairs(len(obs), args.flow_ratio, args.time_mu, args.time_sigma, obs.device, args.acting_ratio)
     bc_loss = mean_flow_loss(actor, obs, actions, t, r, torch.randn_like(actions))
     q1, q2 = critic(obs, sample_actions(actor, obs))
     q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other for its scale

@@ -124,6 +124,9 @@ class Args:
     """target critic smoothing coefficient"""
     flow_ratio: float = 0.5
     """fraction of each batch with r = t (plain flow matching pairs)"""
+    acting_ratio: float = 0.0
+    """fraction of each batch (its end, before flow_ratio's) at (r, t) = (0, 1), where one-step sampling acts (Eq. 18);
+    0: the paper's"""
     time_mu: float = -0.4
     """mean of the logit-normal that t and r are drawn from"""
     time_sigma: float = 1.0
@@ -138,7 +141,8 @@ RANGES = {
     **{flag: "[1, inf)" for flag in ("batch_size", "eval_freq", "eval_episodes", "final_eval_episodes", "log_freq")},
     **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "updates_per_call", "num_seeds")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
-    **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "time_mu": "(-inf, inf)"},
+    **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]"},
+    **{"time_mu": "(-inf, inf)"},
 }
 
 # Per-task defaults, the fields of TASK_FIELDS in order. lr, max-Q backup, reward shaping, updates (epochs x 1000)
@@ -262,12 +266,14 @@ def sample_actions(actor: Actor, params, obs: jax.Array, key: jax.Array) -> jax.
     return jnp.clip(noise - actor.apply(params, noise, zeros, ones, obs), low, high)
 
 
-def sample_time_pairs(key: jax.Array, batch_size: int, flow_ratio: float, mu: float, sigma: float) -> tuple:
-    """(t, r) from a logit-normal, ordered so that r <= t; r = t for the first `flow_ratio` of the batch."""
+def sample_time_pairs(key, batch_size: int, flow_ratio: float, mu: float, sigma: float, acting_ratio: float = 0.0):
+    """(t, r) from a logit-normal, ordered so that r <= t; r = t for the first `flow_ratio` of the batch, and
+    (r, t) = (0, 1), the pair one-step actions are drawn with (Eq. 18), for the last `acting_ratio` (which wins)."""
     pair = jax.nn.sigmoid(jax.random.normal(key, (2, batch_size)) * sigma + mu)
     t, r = pair.max(axis=0), pair.min(axis=0)
-    equal = jnp.arange(batch_size) < round(flow_ratio * batch_size)
-    return t, jnp.where(equal, t, r)
+    index = jnp.arange(batch_size)
+    equal, acting = index < round(flow_ratio * batch_size), index >= batch_size - round(acting_ratio * batch_size)
+    return jnp.where(acting, 1.0, t), jnp.where(acting, 0.0, jnp.where(equal, t, r))
 
 
 def mean_flow_target(actor: Actor, params, a_t, r, t, obs, v) -> jax.Array:
@@ -318,7 +324,7 @@ def update(actor: Actor, critic: Critic, args: Args, actor_state, critic_state, 
     critic_state = critic_state.apply_gradients(grads=grads)
 
     # actor: MeanFlow BC (Eq. 17) - eta * Q / |Q| (Eq. 19), the Q term through ONE network call
-    t, r = sample_time_pairs(key_time, obs.shape[0], args.flow_ratio, args.time_mu, args.time_sigma)
+    t, r = sample_time_pairs(key_time, obs.shape[0], args.flow_ratio, args.time_mu, args.time_sigma, args.acting_ratio)
     noise = jax.random.normal(key_noise, actions.shape)
     swap = jax.random.uniform(key_swap) < 0.5  # a random critic for Q, the other for its scale (no lax.cond)
 

@@ -141,6 +141,14 @@ def test_time_pairs_are_ordered_with_half_on_the_diagonal():
     assert (r == t).sum().item() == 500 + (r[500:] == t[500:]).sum().item()
 
 
+def test_acting_ratio_puts_the_batchs_end_at_the_acting_pair():
+    t, r = ofql.sample_time_pairs(1000, 0.5, -0.4, 1.0, torch.device("cpu"), acting_ratio=0.25)
+    assert (t[750:] == 1).all() and (r[750:] == 0).all()
+    assert (r[:500] == t[:500]).all() and ((0 < r[:750]) & (r[:750] <= t[:750]) & (t[:750] < 1)).all()
+    t, r = ofql.sample_time_pairs(10, 1.0, -0.4, 1.0, torch.device("cpu"), acting_ratio=0.3)  # the acting pairs win
+    assert (r[:7] == t[:7]).all() and (t[7:] == 1).all() and (r[7:] == 0).all()
+
+
 def test_one_step_actions_are_bounded_and_differentiable():
     actor = ofql.Actor(4, 2, np.array([-1.0, -0.5]), np.array([1.0, 0.5]))
     actor.final_layer.bias.data.fill_(-3.0)  # push raw samples past the bounds

@@ -121,6 +121,12 @@ def test_time_pairs_are_ordered_with_half_on_the_diagonal():
     assert (r == t).sum().item() == 500 + (r[500:] == t[500:]).sum().item()
 
 
+def test_acting_ratio_puts_the_batchs_end_at_the_acting_pair():
+    t, r = ofql_jax.sample_time_pairs(jax.random.PRNGKey(0), 1000, 0.5, -0.4, 1.0, acting_ratio=0.25)
+    assert (t[750:] == 1).all() and (r[750:] == 0).all()
+    assert (r[:500] == t[:500]).all() and ((0 < r[:750]) & (r[:750] <= t[:750]) & (t[:750] < 1)).all()
+
+
 def test_losses_and_actions_agree_with_ofql(monkeypatch):
     """The same weights, batch, (t, r) and noise in ofql.py (torch) and ofql_jax.py: losses, gradients and actions agree."""
     obs_dim, action_dim, batch = 11, 3, 64
@@ -134,7 +140,7 @@ def test_losses_and_actions_agree_with_ofql(monkeypatch):
     )
     obs, actions, target_q = torch.randn(batch, obs_dim), torch.rand(batch, action_dim) * 2 - 1, torch.randn(batch, 1)
     noise = torch.randn(batch, action_dim)
-    t, r = ofql.sample_time_pairs(batch, 0.5, -0.4, 1.0, torch.device("cpu"))
+    t, r = ofql.sample_time_pairs(batch, 0.5, -0.4, 1.0, torch.device("cpu"), acting_ratio=0.25)
     j = {
         name: jnp.asarray(x.numpy())
         for name, x in dict(obs=obs, actions=actions, target_q=target_q, noise=noise, t=t, r=r).items()
