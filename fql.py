@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from typing import Literal
 
@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Args:
     checkpoint: str | None = None
     """a `model.pt` written by --save-model (or a `checkpoint.pt`), for --eval-only"""
     checkpoint_freq: int = 0
-    """write `runs/{run_name}/checkpoint.pt` every this many updates (0: only on SIGINT/SIGTERM)"""
+    """also write `runs/{run_name}/checkpoint.pt` every this many updates (0: at evaluations, the end and a stop)"""
     resume: str | None = None
     """a run folder to continue from its checkpoint.pt, with the run's own flags (those given here win)"""
     compile: bool = False
@@ -342,23 +343,27 @@ class Mish(nn.Module):
 
 
 # EVALUATION: normalized returns of the evaluation policy, and its decision frequency
-def evaluate(policy, make_env, num_episodes: int, max_envs: int, seed: int, device: torch.device) -> np.ndarray:
-    """Returns of `num_episodes` episodes, run in a vectorized env with one policy call per step for all envs."""
+def evaluate(policy, make_env, num_episodes: int, max_envs: int, seed: int, device, episode_done) -> np.ndarray:
+    """Returns of `num_episodes` episodes, run in a vectorized env with one policy call per step for all envs;
+    `episode_done()` as each one ends."""
     num_envs = min(num_episodes, max_envs)
     quota = np.full(num_envs, num_episodes // num_envs) + (np.arange(num_envs) < num_episodes % num_envs)
     envs = gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     obs, _ = envs.reset(seed=seed)
     returns, running, finished = [], np.zeros(num_envs), np.zeros(num_envs, dtype=int)
-    while (finished < quota).any():
-        actions = policy(torch.as_tensor(flatten_obs(obs), dtype=torch.float32, device=device)).cpu().numpy()
-        obs, rewards, terminations, truncations, _ = envs.step(actions)
-        running += rewards
-        for i in np.flatnonzero(terminations | truncations):
-            if finished[i] < quota[i]:
-                returns.append(running[i])
-            finished[i] += 1
-            running[i] = 0.0
-    envs.close()
+    try:
+        while (finished < quota).any():
+            actions = policy(torch.as_tensor(flatten_obs(obs), dtype=torch.float32, device=device)).cpu().numpy()
+            obs, rewards, terminations, truncations, _ = envs.step(actions)
+            running += rewards
+            for i in np.flatnonzero(terminations | truncations):
+                if finished[i] < quota[i]:
+                    returns.append(running[i])
+                    episode_done()
+                finished[i] += 1
+                running[i] = 0.0
+    finally:  # also when a signal interrupts it
+        envs.close()
     return np.array(returns)
 
 
@@ -408,6 +413,7 @@ D4RL_FILE_ENVS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walke
 D4RL_FILE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}-v2.hdf5"
 KITCHEN_MUJOCO = (3, 12)  # FrankaKitchen-v1 fails on mujoco >= 3.12 (a joint-type assertion); `kitchen` extra pins it
 BATCH_KEYS = ("obs", "actions", "rewards", "next_obs", "terminals")
+SCRIPT, CHECKPOINT, MODEL = os.path.basename(__file__), "checkpoint.pt", "model.pt"
 
 
 def strip_version(name: str) -> str:
@@ -464,40 +470,109 @@ def check_args(args: Args):
         below = value < high if interval[-1] == ")" else value <= high
         if not (above and below):  # NaN is in no interval
             raise ValueError(f"--{flag.replace('_', '-')} {value}: out of range, must be in {interval}")
-    if args.eval_only != bool(args.checkpoint) or args.checkpoint and not os.path.isfile(args.checkpoint):
+    if args.eval_only != bool(args.checkpoint):
         raise ValueError(
-            f"--eval-only needs --checkpoint PATH, an existing model.pt written by --save-model (or a checkpoint.pt), "
+            f"--eval-only needs --checkpoint PATH, a model.pt written by --save-model (or a checkpoint.pt), "
             f"and --checkpoint goes with --eval-only (continue a run with --resume); got {args.checkpoint}"
         )
     if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
         raise ValueError("--cudagraphs needs a CUDA GPU (and --cuda); on CPU, use --compile")
 
 
-def parse_args() -> tuple[Args, dict | None, str]:
-    """The command line, checked; with --resume, the run's own flags under it, and its checkpoint; the dataset id.
-    Every problem a user can fix ends here, with one line naming it, before anything is written."""
+def parse_args() -> tuple[Args, dict | None, str, str]:
+    """The command line, checked; with --resume, the run's own flags under it, and its checkpoint; the dataset id;
+    the run folder. Every problem a user can fix ends here, with one line naming it, before anything is written."""
     args, saved = tyro.cli(Args), None
     try:
         if args.eval_only and args.resume:
             raise ValueError("--eval-only and --resume: choose one (evaluate a model, or continue a run)")
         if args.resume:
-            path = os.path.join(args.resume, "checkpoint.pt")
-            if not os.path.isfile(path):
-                raise ValueError(f"--resume {args.resume}: no checkpoint.pt there (written on SIGINT/SIGTERM, and "
-                                 "every --checkpoint-freq updates)")  # fmt: skip
-            saved = torch.load(path, map_location="cpu")
+            saved = load_saved(run_file(args.resume, CHECKPOINT), "--resume")
             args = tyro.cli(Args, default=Args(**saved["args"] | {"resume": args.resume}))
-            if args.total_steps < saved["progress"]["step"]:
-                raise ValueError(f"--total-steps {args.total_steps}: the run is at update {saved['progress']['step']}")
-        elif args.eval_only and args.checkpoint and os.path.isfile(args.checkpoint):
-            saved = torch.load(args.checkpoint, map_location="cpu")
+            check_continues(args.resume, saved["progress"]["step"], args.total_steps)
+        elif args.eval_only and args.checkpoint:
+            saved = load_saved(args.checkpoint, "--checkpoint")
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
         args, task_line = task_defaults(args)
         check_args(args)
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = args.resume or f"runs/{run_name}"
+        check_writable(run_dir)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     print(task_line)
-    return args, saved, dataset_id
+    return args, saved, dataset_id, run_dir
+
+
+def run_file(run_dir: str, name: str) -> str:
+    """`name` in the run folder that --resume names; ValueError if that is not a folder holding it."""
+    if os.path.isfile(run_dir):
+        raise ValueError(f"--resume {run_dir}: a file; --resume takes the run folder (here {os.path.dirname(run_dir)})")
+    if not os.path.isfile(os.path.join(run_dir, name)):
+        where = "no such folder" if not os.path.isdir(run_dir) else f"no {name} there"
+        raise ValueError(f"--resume {run_dir}: {where} (a run writes {name} at every evaluation and when stopped)")
+    return os.path.join(run_dir, name)
+
+
+def load_saved(path: str, flag: str) -> dict:
+    """A checkpoint or model this script wrote; ValueError naming the flag for a folder, an unreadable or truncated
+    file, another format, or another script's file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: {'a folder' if os.path.isdir(path) else 'no such file'}; give a {CHECKPOINT} "
+                         f"or a {MODEL} of {SCRIPT}")  # fmt: skip
+    try:
+        saved = torch.load(path, map_location="cpu")
+    except Exception as error:  # not torch's format (an ofql_jax.py .msgpack), truncated, empty
+        problem = " ".join(str(error).split())[:100]
+        raise ValueError(f"{flag} {path}: not a complete {CHECKPOINT} or {MODEL} ({type(error).__name__}: {problem}); "
+                         "use another checkpoint or write it again") from None  # fmt: skip
+    if not isinstance(saved, dict) or "args" not in saved:
+        raise ValueError(f"{flag} {path}: not a {CHECKPOINT} or {MODEL} (it holds no flags)")
+    other = sorted(set(saved["args"]) - {field.name for field in fields(Args)})
+    if saved.get("script", SCRIPT) != SCRIPT or other:
+        flags = f" (its flags {', '.join(other[:3])} are not {SCRIPT}'s)" if other else ""
+        raise ValueError(f"{flag} {path}: written by {saved.get('script', 'another script')}{flags}, not {SCRIPT}")
+    return saved
+
+
+def check_continues(run_dir: str, step: int, total_steps: int):
+    """A run continues to --total-steps from its checkpoint's update; a finished run (its summary.json final) only
+    with more updates than it made, and from its end: its result is never retrained or overwritten."""
+    if total_steps < step:
+        raise ValueError(f"--total-steps {total_steps}: the run is at update {step}")
+    summary = final_summary(run_dir)
+    if summary and total_steps <= summary["total_steps"]:
+        raise ValueError(
+            f"--resume {run_dir}: the run finished at update {summary['total_steps']} (normalized score "
+            f"{summary['normalized_score']:.1f}, summary.json). --total-steps above {summary['total_steps']} continues "
+            f"it; --eval-only --checkpoint {os.path.join(run_dir, CHECKPOINT)} evaluates it again"
+        )
+    if summary and step < summary["total_steps"]:
+        raise ValueError(
+            f"--resume {run_dir}: the run finished at update {summary['total_steps']}, but its {CHECKPOINT} is from "
+            f"update {step} (an older {SCRIPT} kept none at the end): it cannot continue from its end; start a new run"
+        )
+
+
+def final_summary(run_dir: str) -> dict | None:
+    """The run folder's summary.json if the run finished (not one written when it was stopped)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: not a finished result
+        return None
+    return summary if "interrupted_at_step" not in summary and summary.get("normalized_score") is not None else None
+
+
+def check_writable(run_dir: str):
+    """The run folder, or for a new run the nearest existing folder above it, must take files."""
+    folder = run_dir
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        what = "not a folder" if not os.path.isdir(folder) else "not writable"
+        raise ValueError(f"{os.path.abspath(folder)} is {what}, and the run writes {run_dir}: run from a folder you "
+                         "can write to (or fix its permissions)")  # fmt: skip
 
 
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
@@ -664,16 +739,21 @@ def start_logging(args: Args, run_dir: str, progress: dict) -> SummaryWriter:
     if args.track:
         import wandb
 
-        run = wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=os.path.basename(os.path.normpath(run_dir)),
-            save_code=True,
-            id=progress["wandb_id"],
-            resume="allow",
-        )
+        try:
+            run = wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                sync_tensorboard=True,
+                config=vars(args),
+                name=os.path.basename(os.path.normpath(run_dir)),
+                save_code=True,
+                id=progress["wandb_id"],
+                resume="allow",
+            )
+        except wandb.Error as error:  # no API key, no network
+            problem = " ".join(str(error).split())[:200]
+            raise SystemExit(f"error: --track: wandb could not start ({problem}); `wandb login`, or WANDB_MODE=offline "
+                             "to log locally (`wandb sync` later)") from None  # fmt: skip
         progress["wandb_id"] = run.id
     writer = SummaryWriter(run_dir, purge_step=progress["step"] + 1 if args.resume else None)  # drop what followed
     table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
@@ -694,24 +774,70 @@ def stopwatch(progress: dict) -> Callable[[str], None]:
     return charge
 
 
-def stop_requests() -> list[int]:
-    """SIGINT (Ctrl-C) and SIGTERM, received into the returned list: the loop finishes its update, checkpoints and
-    exits. A second signal stops at once."""
-    received = []
+class Interrupted(Exception):
+    """A SIGINT or SIGTERM that stops the run where it is (an evaluation, or a second signal in training)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_requests() -> dict:
+    """SIGINT (Ctrl-C) and SIGTERM, by stop["phase"]. start-up: nothing to save yet, the run ends at once; training:
+    the loop finishes its update, checkpoints and stops, a second signal raises Interrupted at once; evaluation:
+    Interrupted at once (the checkpoint precedes it); stopping: ignored; done: the results are saved, it ends."""
+    stop = {"phase": "start-up", "signals": []}
 
     def request_stop(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-        print(f"{signal.Signals(signum).name}: checkpointing after this update (again to stop at once)", flush=True)
+        stop["signals"].append(signum)
+        name, phase = signal.Signals(signum).name, stop["phase"]
+        if phase in ("start-up", "done"):
+            print(f"{name}: stopped during {phase} ({'no update made' if phase == 'start-up' else 'all saved'})",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(128 + signum)
+        if phase == "evaluation" or (phase == "training" and len(stop["signals"]) > 1):
+            raise Interrupted(signum)
+        if phase == "training":
+            tqdm.write(f"{name}: checkpointing after this update (again to stop at once)")
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    return received
+    return stop
 
 
-def log_losses(writer: SummaryWriter, losses: dict[str, torch.Tensor], progress: dict, args: Args):
-    """The losses to tensorboard and a progress line; a non-finite loss ends the run before anything is saved."""
+def progress_bar(total: int, initial: int, unit: str, desc: str | None = None) -> tqdm | None:
+    """A tqdm bar on a terminal; None when stdout is a file (a cluster's log), which gets progress lines instead."""
+    if not sys.stdout.isatty():
+        return None
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, leave=False)
+
+
+def episode_counter(num_episodes: int, step: int) -> Callable[[], None]:
+    """Called as each evaluation episode ends: a bar on a terminal; in a log, a line at each quarter of 50 or more."""
+    bar, done = progress_bar(num_episodes, 0, "episode", f"evaluation at update {step}"), [0]
+
+    def episode_done():
+        done[0] += 1
+        if bar is not None:
+            bar.update()
+            if done[0] == num_episodes:
+                bar.close()
+        elif num_episodes >= 50 and done[0] < num_episodes and done[0] % (num_episodes // 4) == 0:
+            print(f"evaluation at update {step}: {done[0]}/{num_episodes} episodes", flush=True)
+
+    return episode_done
+
+
+def duration(seconds: float) -> str:
+    """`2 h 05 min`, `12 min`, `40 s`."""
+    if seconds >= 3600:
+        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def log_losses(writer: SummaryWriter, losses: dict[str, torch.Tensor], progress: dict, args: Args, bar: tqdm | None):
+    """The losses to tensorboard and a progress line (or the terminal's bar); a non-finite loss ends the run before
+    anything is saved."""
     step, losses = progress["step"], {name: loss.item() for name, loss in losses.items()}  # the only host sync
     if not all(math.isfinite(value) for value in losses.values()):
         writer.close()
@@ -726,11 +852,13 @@ def log_losses(writer: SummaryWriter, losses: dict[str, torch.Tensor], progress:
         writer.add_scalar(f"losses/{name}", value, step)
     updates_per_second = step / max(progress["train_seconds"], 1e-9)
     writer.add_scalar("charts/updates_per_second", updates_per_second, step)
-    minutes_left = (args.total_steps - step) / updates_per_second / 60
-    print(
-        f"update {step}/{args.total_steps} | {updates_per_second:.1f} updates/s | ETA {minutes_left:.1f} min | "
-        f"critic {losses['critic_loss']:.3f} | bc {losses['bc_loss']:.3f} | q {losses['q_loss']:.3f}"
-    )
+    values = f"critic {losses['critic_loss']:.3f} | bc {losses['bc_loss']:.3f} | q {losses['q_loss']:.3f}"
+    if bar is not None:  # the bar shows the rate and the ETA
+        bar.update(step - bar.n)
+        bar.set_postfix_str(values)
+        return
+    eta = duration((args.total_steps - step) / updates_per_second)
+    print(f"update {step}/{args.total_steps} | {updates_per_second:.1f} updates/s | ETA {eta} | {values}")
 
 
 def format_losses(losses: dict[str, float]) -> str:
@@ -741,7 +869,17 @@ def save_checkpoint(run_dir: str, networks: dict, optimizers: dict, progress: di
     state = {name: module.state_dict() for name, module in (networks | optimizers).items()}
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     rng = {"rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
-    save_atomically(f"{run_dir}/checkpoint.pt", state | rng | {"progress": progress, "args": asdict(args)})
+    progress["checkpoint_step"] = progress["step"]
+    content = state | rng | {"progress": progress, "args": asdict(args), "script": SCRIPT}
+    save_atomically(f"{run_dir}/{CHECKPOINT}", content)
+
+
+def keep_final_summary(run_dir: str):
+    """A finished run that goes on keeps its final summary.json as summary_{updates}.json."""
+    summary = final_summary(run_dir)
+    if summary:
+        os.replace(f"{run_dir}/summary.json", f"{run_dir}/summary_{summary['total_steps']}.json")
+        print(f"{run_dir}: the finished run's summary.json kept as summary_{summary['total_steps']}.json")
 
 
 def restore(saved: dict, networks: dict, optimizers: dict, resume: bool):
@@ -763,7 +901,8 @@ def restore(saved: dict, networks: dict, optimizers: dict, resume: bool):
 def write_summary(run_dir: str, progress: dict, args: Args, dataset_id: str, device, **results) -> dict:
     trained = progress["train_seconds"] > 0
     updates_per_second = progress["step"] / progress["train_seconds"] if trained else None
-    summary = {"algorithm": args.exp_name, "env_id": args.env_id, "dataset_id": dataset_id, "seed": args.seed}
+    summary = {"algorithm": SCRIPT[: -len(".py")], "exp_name": args.exp_name, "env_id": args.env_id}
+    summary |= {"dataset_id": dataset_id, "seed": args.seed}
     summary |= {"total_steps": progress["step"], **results, "num_candidates": args.num_candidates}
     summary["best_normalized_score"] = max((score for _, score in progress["evaluations"]), default=None)
     summary |= {key: progress[key] for key in ("train_seconds", "eval_seconds", "compile_seconds")}
@@ -786,20 +925,37 @@ def result_line(summary: dict, run_dir: str) -> str:
     return line + f"{summary['decision_hz']:.1f} decisions/s | {run_dir}/summary.json"
 
 
+def stopped_line(interrupted: Interrupted, progress: dict, args: Args, run_dir: str) -> str:
+    """What a stopped run says last: where it stopped, and how to go on."""
+    line = f"{interrupted}: stopped at update {progress['step']}"
+    if args.eval_only:
+        return line + "; nothing to resume: run the same command again to evaluate"
+    if progress["checkpoint_step"] is None:
+        return line + ", before its first checkpoint: nothing to resume, start it again"
+    return line + f"; continue from update {progress['checkpoint_step']}: python {SCRIPT} --resume {run_dir}"
+
+
 def save_atomically(path: str, content: dict):
-    """Write to a temporary file, then rename: an interrupted run never leaves half a file. JSON or torch.save."""
-    if path.endswith(".json"):
-        with open(path + ".tmp", "w") as f:
-            json.dump(content, f, indent=2)
-    else:
-        torch.save(content, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write to a temporary file, then rename, SIGINT and SIGTERM held meanwhile: a stopped run never leaves half a
+    file, and a failed write no temporary one. JSON or torch.save."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        if path.endswith(".json"):
+            with open(path + ".tmp", "w") as f:
+                json.dump(content, f, indent=2)
+        else:
+            torch.save(content, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal received meanwhile is handled now
 
 
 if __name__ == "__main__":
-    args, saved, dataset_id = parse_args()  # checked; with --resume, the run's own flags under the command line's
+    stop = stop_requests()  # SIGINT, SIGTERM: in start-up the run ends at once; later it checkpoints first
+    args, saved, dataset_id, run_dir = parse_args()  # checked; with --resume, the run's flags under the command line's
     args.eval_steps = args.eval_steps or args.flow_steps
-    run_dir = args.resume or f"runs/{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -835,6 +991,7 @@ if __name__ == "__main__":
         restore(saved, networks, optimizers, resume=bool(args.resume))
     progress = saved["progress"] if args.resume else {"step": 0, "evaluations": [], "wandb_id": None}
     progress |= {"start_step": progress["step"], "last_losses": (progress["step"], {})}
+    progress.setdefault("checkpoint_step", progress["step"] if args.resume else None)
     for key in ("train_seconds", "eval_seconds", "compile_seconds"):
         progress.setdefault(key, 0.0)
     if args.eval_only:
@@ -843,6 +1000,7 @@ if __name__ == "__main__":
     # logging: only now that the data loaded, so that a failed start leaves no run folder behind
     writer = start_logging(args, run_dir, progress)
     if args.resume:
+        keep_final_summary(run_dir)
         print(f"resuming {run_dir} from update {progress['step']}")
 
     train_step = partial(update, networks, optimizers, args)
@@ -855,57 +1013,78 @@ if __name__ == "__main__":
         train_step, policy = torch.compile(train_step), torch.compile(policy)
     if args.cudagraphs:
         train_step, policy = cuda_graphed(train_step), cuda_graphed(policy)
+    if args.compile and args.total_steps > progress["step"]:
+        print("torch.compile: the first update for each critic order compiles (a minute or more, timed apart)")
 
     def evaluate_and_log(step: int, num_episodes: int) -> np.ndarray:
-        returns = evaluate(policy, make_env, num_episodes, args.max_eval_envs, args.seed + step, device)
+        stop["phase"] = "evaluation"  # a signal interrupts it: the run resumes from the checkpoint made before it
+        if stop["signals"]:
+            raise Interrupted(stop["signals"][0])
+        episode_done = episode_counter(num_episodes, step)
+        returns = evaluate(policy, make_env, num_episodes, args.max_eval_envs, args.seed + step, device, episode_done)
+        stop["phase"] = "training"
         scores = 100 * (returns - ref_min) / (ref_max - ref_min)
         progress["evaluations"].append((step, float(scores.mean())))
         writer.add_scalar("charts/normalized_score", scores.mean(), step)
-        print(f"update {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f} over {len(scores)} episodes")
+        line = f"normalized score {scores.mean():.1f} +- {scores.std():.1f} over {len(scores)} episodes"
+        tqdm.write(f"update {step}: {line}")
         return scores
 
-    # TRY NOT TO MODIFY: the training loop
-    stop_signals, charge, compiled = stop_requests(), stopwatch(progress), set()
-    for step in range(progress["step"] + 1, args.total_steps + 1):
-        idx = torch.randint(len(data["obs"]), (args.batch_size,), device=device)
-        swap = bool(torch.rand(()) < 0.5)  # which critic gives Q: a host coin (CPU generator), no device sync
-        losses = train_step(*(data[key][idx] for key in BATCH_KEYS), swap)
-        update_actor_target(actor_target, actor, step, args)
-        progress["step"] = step
-        if args.compile and swap not in compiled:  # the first call for each coin compiles: timed apart
-            compiled.add(swap)
-            charge("compile_seconds")
-
-        if step % args.eval_freq == 0 and step < args.total_steps:
-            charge("train_seconds")
-            evaluate_and_log(step, args.eval_episodes)
+    # TRY NOT TO MODIFY: the training loop. A checkpoint precedes each evaluation: a run resumed there evaluates first
+    charge, compiled, stop["phase"] = stopwatch(progress), set(), "training"
+    bar = progress_bar(args.total_steps, progress["step"], "update")
+    try:
+        if 0 < progress["step"] < args.total_steps and progress["step"] % args.eval_freq == 0:
+            evaluate_and_log(progress["step"], args.eval_episodes)
             charge("eval_seconds")
-        stopping = bool(stop_signals)  # read once: a later signal is handled after the next update
-        checkpointing = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
-        if step % args.log_freq == 0 or step == args.total_steps or checkpointing:
-            charge("train_seconds")
-            log_losses(writer, losses, progress, args)
-        if checkpointing:  # after this update's evaluation, which draws from the same RNG
-            save_checkpoint(run_dir, networks, optimizers, progress, args)
-        if stopping:
-            write_summary(run_dir, progress, args, dataset_id, device, interrupted_at_step=step)
-            writer.close()
-            print(f"stopped at update {step}; continue with: python {sys.argv[0]} --resume {run_dir}")
-            sys.exit(128 + stop_signals[0])
+        for step in range(progress["step"] + 1, args.total_steps + 1):
+            idx = torch.randint(len(data["obs"]), (args.batch_size,), device=device)
+            swap = bool(torch.rand(()) < 0.5)  # which critic gives Q: a host coin (CPU generator), no device sync
+            losses = train_step(*(data[key][idx] for key in BATCH_KEYS), swap)
+            update_actor_target(actor_target, actor, step, args)
+            progress["step"] = step
+            if args.compile and swap not in compiled:  # the first call for each coin compiles: timed apart
+                compiled.add(swap)
+                charge("compile_seconds")
 
-    if args.save_model:
-        model = {name: module.state_dict() for name, module in networks.items()} | {"args": asdict(args)}
-        save_atomically(f"{run_dir}/model.pt", model)
-        print(f"model saved to {run_dir}/model.pt")
+            stopping = bool(stop["signals"])  # read once: a later signal is handled after the next update
+            evaluating = step % args.eval_freq == 0 and step < args.total_steps
+            checkpointing = stopping or evaluating or step == args.total_steps
+            checkpointing |= args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0
+            if step % args.log_freq == 0 or checkpointing:
+                charge("train_seconds")
+                log_losses(writer, losses, progress, args, bar)
+            if checkpointing:  # before this update's evaluation, which draws from the same RNG
+                save_checkpoint(run_dir, networks, optimizers, progress, args)
+            if stopping:
+                raise Interrupted(stop["signals"][0])
+            if evaluating:
+                evaluate_and_log(step, args.eval_episodes)
+                charge("eval_seconds")
+        if bar is not None:
+            bar.close()
 
-    # final evaluation, decision frequency and summary
-    scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)
-    decision_hz = decision_frequency(policy, data["obs"])
+        if args.save_model:
+            model = {name: module.state_dict() for name, module in networks.items()}
+            save_atomically(f"{run_dir}/{MODEL}", model | {"args": asdict(args), "script": SCRIPT})
+            print(f"model saved to {run_dir}/{MODEL}")
+
+        # final evaluation, decision frequency and summary
+        scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)
+        stop["phase"] = "evaluation"
+        decision_hz = decision_frequency(policy, data["obs"])
+    except Interrupted as interrupted:
+        stop["phase"] = "stopping"
+        write_summary(run_dir, progress, args, dataset_id, device, interrupted_at_step=progress["step"])
+        writer.close()
+        print(stopped_line(interrupted, progress, args, run_dir), file=sys.stderr)
+        sys.exit(128 + interrupted.signum)
     writer.add_scalar("charts/decision_hz", decision_hz, args.total_steps)
     final = dict(normalized_score=float(scores.mean()), normalized_score_std=float(scores.std()))
     final |= dict(return_mean=float(scores.mean() / 100 * (ref_max - ref_min) + ref_min), eval_episodes=len(scores))
     final |= dict(eval_steps=args.eval_steps)
     summary = write_summary(run_dir, progress, args, dataset_id, device, **final, decision_hz=decision_hz)
+    stop["phase"] = "done"
     print(result_line(summary, run_dir))
     writer.close()
     if args.track:

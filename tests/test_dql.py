@@ -120,7 +120,7 @@ def test_q_gradient_reaches_the_actor_through_every_denoising_step():
 
 
 SUMMARY_KEYS = (
-    "algorithm env_id dataset_id seed total_steps normalized_score normalized_score_std best_normalized_score return_mean "
+    "algorithm exp_name env_id dataset_id seed total_steps normalized_score normalized_score_std best_normalized_score return_mean "
     "eval_episodes train_seconds updates_per_second hours_per_million_updates decision_hz device eval_sampler eval_steps"
 ).split()
 
@@ -155,7 +155,7 @@ def test_end_to_end_run_and_one_step_ddim_evaluation(minari_path, tmp_path):
     assert summary["args"]["eta"] == 1.0 and summary["args"]["grad_norm"] == 9.0  # DQL's hopper-medium row
     assert summary["updates_per_second"] > 0 and summary["decision_hz"] > 0 and "update 200/200" in summary["stdout"]
     checkpoint = torch.load(summary["run_dir"] / "model.pt")
-    assert set(checkpoint) == {"actor", "actor_target", "critic", "critic_target", "args"}
+    assert set(checkpoint) == {"actor", "actor_target", "critic", "critic_target", "args", "script"}
     torch.manual_seed(1)  # the script's seed: the actor's initial weights, which the target keeps until update 150
     initial = dql.Actor(11, 3, -np.ones(3), np.ones(3)).state_dict()
     params = [k for k in initial if k in dict(dql.Actor(11, 3, -np.ones(3), np.ones(3)).named_parameters())]

@@ -208,7 +208,7 @@ def test_one_step_mean_flow_beats_one_step_flow_matching_on_a_multimodal_target(
 
 
 SUMMARY_KEYS = (
-    "algorithm env_id dataset_id seed total_steps normalized_score normalized_score_std best_normalized_score return_mean "
+    "algorithm exp_name env_id dataset_id seed total_steps normalized_score normalized_score_std best_normalized_score return_mean "
     "eval_episodes train_seconds updates_per_second hours_per_million_updates decision_hz device"
 ).split()
 

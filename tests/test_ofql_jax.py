@@ -186,7 +186,7 @@ def test_losses_and_actions_agree_with_ofql(monkeypatch):
 
 
 SUMMARY_KEYS = (
-    "algorithm env_id dataset_id seed total_steps normalized_score normalized_score_std best_normalized_score return_mean "
+    "algorithm exp_name env_id dataset_id seed total_steps normalized_score normalized_score_std best_normalized_score return_mean "
     "eval_episodes train_seconds updates_per_second hours_per_million_updates decision_hz device compile_seconds "
     "eval_seconds num_candidates threads updates_per_call resumed_from_step evaluations args"
 ).split()
