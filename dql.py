@@ -561,9 +561,10 @@ def load_saved(path: str, flag: str) -> dict:
     try:
         saved = torch.load(path, map_location="cpu")
     except Exception as error:  # not torch's format (an ofql_jax.py .msgpack), truncated, empty
-        problem = " ".join(str(error).split())[:100]
-        raise ValueError(f"{flag} {path}: not a complete {CHECKPOINT} or {MODEL} ({type(error).__name__}: {problem}); "
-                         "use another checkpoint or write it again") from None  # fmt: skip
+        problem = " ".join(str(error).split(". ")[0].split())[:100]
+        hint = " (.msgpack files are ofql_jax.py's)" if path.endswith(".msgpack") else ""
+        raise ValueError(f"{flag} {path}: not a complete {CHECKPOINT} or {MODEL}{hint} ({type(error).__name__}: "
+                         f"{problem}); use another checkpoint or write it again") from None  # fmt: skip
     if not isinstance(saved, dict) or "args" not in saved:
         raise ValueError(f"{flag} {path}: not a {CHECKPOINT} or {MODEL} (it holds no flags)")
     other = sorted(set(saved["args"]) - {field.name for field in fields(Args)})

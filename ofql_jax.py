@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from typing import Literal
 
@@ -49,6 +49,7 @@ import optax
 import tyro
 from flax.training.train_state import TrainState
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Args:
     checkpoint: str | None = None
     """a `model.msgpack` written by --save-model (or a `checkpoint.msgpack`), for --eval-only"""
     checkpoint_freq: int = 0
-    """write `runs/{run_name}/checkpoint.msgpack` every this many updates (0: only on SIGINT/SIGTERM)"""
+    """also write `runs/{run_name}/checkpoint.msgpack` every this many updates (0: at evaluations, the end, a stop)"""
     resume: str | None = None
     """a run folder to continue from its checkpoint.msgpack, with the run's own flags (those given here win)"""
     updates_per_call: int = 10
@@ -385,27 +386,30 @@ def select_actions(actor: Actor, critic: Critic, actor_params, critic_target_par
 
 
 # EVALUATION: normalized returns of the evaluation policy, and its decision frequency
-def evaluate(policy, make_env, num_episodes: int, max_envs: int, seeds: list[int]) -> np.ndarray:
+def evaluate(policy, make_env, num_episodes: int, max_envs: int, seeds: list[int], episode_done) -> np.ndarray:
     """Returns (seeds, episodes): `num_episodes` episodes of each seed's policy in its own envs (reset with its seed),
-    all in one vectorized env with one policy call per step for all seeds and envs. policy(obs, active) takes the
-    observations seed by seed and which seeds still run episodes."""
+    all in one vectorized env with one policy call per step for all seeds and envs; `episode_done()` as each one
+    ends. policy(obs, active) takes the observations seed by seed and which seeds still run episodes."""
     num_seeds, num_envs = len(seeds), min(num_episodes, max_envs)
     quota = np.full(num_envs, num_episodes // num_envs) + (np.arange(num_envs) < num_episodes % num_envs)
     quota = np.tile(quota, num_seeds)
     envs = gym.vector.SyncVectorEnv([make_env] * len(quota), autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     obs, _ = envs.reset(seed=[seed + i for seed in seeds for i in range(num_envs)])  # a single run's env seeds
     returns, running, finished = [[] for _ in seeds], np.zeros(len(quota)), np.zeros(len(quota), dtype=int)
-    while (finished < quota).any():
-        active = (finished < quota).reshape(num_seeds, num_envs).any(axis=1)
-        actions = np.asarray(policy(flatten_obs(obs).astype(np.float32), active))
-        obs, rewards, terminations, truncations, _ = envs.step(actions)
-        running += rewards
-        for i in np.flatnonzero(terminations | truncations):
-            if finished[i] < quota[i]:
-                returns[i // num_envs].append(running[i])
-            finished[i] += 1
-            running[i] = 0.0
-    envs.close()
+    try:
+        while (finished < quota).any():
+            active = (finished < quota).reshape(num_seeds, num_envs).any(axis=1)
+            actions = np.asarray(policy(flatten_obs(obs).astype(np.float32), active))
+            obs, rewards, terminations, truncations, _ = envs.step(actions)
+            running += rewards
+            for i in np.flatnonzero(terminations | truncations):
+                if finished[i] < quota[i]:
+                    returns[i // num_envs].append(running[i])
+                    episode_done()
+                finished[i] += 1
+                running[i] = 0.0
+    finally:  # also when a signal interrupts it
+        envs.close()
     return np.array(returns)
 
 
@@ -457,6 +461,7 @@ D4RL_FILE_ENVS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walke
 D4RL_FILE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}-v2.hdf5"
 KITCHEN_MUJOCO = (3, 12)  # FrankaKitchen-v1 fails on mujoco >= 3.12 (a joint-type assertion); `kitchen` extra pins it
 BATCH_KEYS = ("obs", "actions", "rewards", "next_obs", "terminals")
+SCRIPT, CHECKPOINT, MODEL = os.path.basename(__file__), "checkpoint.msgpack", "model.msgpack"
 NETWORKS, OPTIMIZERS = ("actor", "critic", "critic_target"), ("actor_optimizer", "critic_optimizer")
 LOSSES = ("critic_loss", "bc_loss", "q_loss", "actor_loss", "q_mean")
 
@@ -515,43 +520,113 @@ def check_args(args: Args):
         below = value < high if interval[-1] == ")" else value <= high
         if not (above and below):  # NaN is in no interval
             raise ValueError(f"--{flag.replace('_', '-')} {value}: out of range, must be in {interval}")
-    if args.eval_only != bool(args.checkpoint) or args.checkpoint and not os.path.isfile(args.checkpoint):
+    if args.eval_only != bool(args.checkpoint):
         raise ValueError(
-            f"--eval-only needs --checkpoint PATH, an existing model.msgpack written by --save-model (or a "
-            f"checkpoint.msgpack), and --checkpoint goes with --eval-only (continue a run with --resume); got "
-            f"{args.checkpoint}"
+            f"--eval-only needs --checkpoint PATH, a model.msgpack written by --save-model (or a checkpoint.msgpack), "
+            f"and --checkpoint goes with --eval-only (continue a run with --resume); got {args.checkpoint}"
         )
 
 
-def parse_args() -> tuple[Args, dict | None, str]:
-    """The command line, checked; with --resume, the run's own flags under it, and its checkpoint; the dataset id.
-    Every problem a user can fix ends here, with one line naming it, before anything is written."""
+def parse_args() -> tuple[Args, dict | None, str, str]:
+    """The command line, checked; with --resume, the run's own flags under it, and its checkpoint; the dataset id;
+    the run folder. Every problem a user can fix ends here, with one line naming it, before anything is written."""
     args, saved = tyro.cli(Args), None
     try:
         if args.eval_only and args.resume:
             raise ValueError("--eval-only and --resume: choose one (evaluate a model, or continue a run)")
         if args.resume:
-            path = os.path.join(args.resume, "checkpoint.msgpack")
-            if not os.path.isfile(path):
-                raise ValueError(f"--resume {args.resume}: no checkpoint.msgpack there (written on SIGINT/SIGTERM, "
-                                 "and every --checkpoint-freq updates)")  # fmt: skip
-            saved = load_msgpack(path)
+            saved = load_saved(run_file(args.resume, CHECKPOINT), "--resume")
             args = tyro.cli(Args, default=Args(**saved["args"] | {"resume": args.resume}))
-            if args.total_steps < saved["progress"]["step"]:
-                raise ValueError(f"--total-steps {args.total_steps}: the run is at update {saved['progress']['step']}")
+            check_continues(args.resume, saved["progress"]["step"], args.total_steps)
             run_seeds = saved["args"].get("num_seeds", 1)  # 1 in checkpoints from before the flag
             if args.num_seeds != run_seeds:
                 raise ValueError(f"--num-seeds {args.num_seeds}: the run trains {run_seeds} seeds")
-        elif args.eval_only and args.checkpoint and os.path.isfile(args.checkpoint):
-            saved = load_msgpack(args.checkpoint)
+        elif args.eval_only and args.checkpoint:
+            saved = load_saved(args.checkpoint, "--checkpoint")
             args = replace(args, num_seeds=saved["args"].get("num_seeds", 1))  # every seed of the model
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
         args, task_line = task_defaults(args)
         check_args(args)
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = args.resume or f"runs/{run_name}"
+        check_writable(run_dir)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     print(task_line)
-    return args, saved, dataset_id
+    return args, saved, dataset_id, run_dir
+
+
+def run_file(run_dir: str, name: str) -> str:
+    """`name` in the run folder that --resume names; ValueError if that is not a folder holding it."""
+    if os.path.isfile(run_dir):
+        raise ValueError(f"--resume {run_dir}: a file; --resume takes the run folder (here {os.path.dirname(run_dir)})")
+    if not os.path.isfile(os.path.join(run_dir, name)):
+        where = "no such folder" if not os.path.isdir(run_dir) else f"no {name} there"
+        raise ValueError(f"--resume {run_dir}: {where} (a run writes {name} at every evaluation and when stopped)")
+    return os.path.join(run_dir, name)
+
+
+def load_saved(path: str, flag: str) -> dict:
+    """A checkpoint or model this script wrote; ValueError naming the flag for a folder, an unreadable or truncated
+    file, another format, or another script's file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: {'a folder' if os.path.isdir(path) else 'no such file'}; give a {CHECKPOINT} "
+                         f"or a {MODEL} of {SCRIPT}")  # fmt: skip
+    try:
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())  # nested dicts of numpy arrays and values
+    except Exception as error:  # not msgpack (a torch .pt), truncated, empty
+        problem = " ".join(str(error).split(". ")[0].split())[:100]
+        hint = " (.pt files are the torch scripts')" if path.endswith(".pt") else ""
+        raise ValueError(f"{flag} {path}: not a complete {CHECKPOINT} or {MODEL}{hint} ({type(error).__name__}: "
+                         f"{problem}); use another checkpoint or write it again") from None  # fmt: skip
+    if not isinstance(saved, dict) or "args" not in saved:
+        raise ValueError(f"{flag} {path}: not a {CHECKPOINT} or {MODEL} (it holds no flags)")
+    other = sorted(set(saved["args"]) - {field.name for field in fields(Args)})
+    if saved.get("script", SCRIPT) != SCRIPT or other:
+        flags = f" (its flags {', '.join(other[:3])} are not {SCRIPT}'s)" if other else ""
+        raise ValueError(f"{flag} {path}: written by {saved.get('script', 'another script')}{flags}, not {SCRIPT}")
+    return saved
+
+
+def check_continues(run_dir: str, step: int, total_steps: int):
+    """A run continues to --total-steps from its checkpoint's update; a finished run (its summary.json final) only
+    with more updates than it made, and from its end: its result is never retrained or overwritten."""
+    if total_steps < step:
+        raise ValueError(f"--total-steps {total_steps}: the run is at update {step}")
+    summary = final_summary(run_dir)
+    if summary and total_steps <= summary["total_steps"]:
+        raise ValueError(
+            f"--resume {run_dir}: the run finished at update {summary['total_steps']} (normalized score "
+            f"{summary['normalized_score']:.1f}, summary.json). --total-steps above {summary['total_steps']} continues "
+            f"it; --eval-only --checkpoint {os.path.join(run_dir, CHECKPOINT)} evaluates it again"
+        )
+    if summary and step < summary["total_steps"]:
+        raise ValueError(
+            f"--resume {run_dir}: the run finished at update {summary['total_steps']}, but its {CHECKPOINT} is from "
+            f"update {step} (an older {SCRIPT} kept none at the end): it cannot continue from its end; start a new run"
+        )
+
+
+def final_summary(run_dir: str) -> dict | None:
+    """The run folder's summary.json if the run finished (not one written when it was stopped)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: not a finished result
+        return None
+    return summary if "interrupted_at_step" not in summary and summary.get("normalized_score") is not None else None
+
+
+def check_writable(run_dir: str):
+    """The run folder, or for a new run the nearest existing folder above it, must take files."""
+    folder = run_dir
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        what = "not a folder" if not os.path.isdir(folder) else "not writable"
+        raise ValueError(f"{os.path.abspath(folder)} is {what}, and the run writes {run_dir}: run from a folder you "
+                         "can write to (or fix its permissions)")  # fmt: skip
 
 
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
@@ -702,16 +777,21 @@ def start_logging(args: Args, run_dir: str, progress: dict) -> SummaryWriter:
     if args.track:
         import wandb
 
-        run = wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=os.path.basename(os.path.normpath(run_dir)),
-            save_code=True,
-            id=progress["wandb_id"],
-            resume="allow",
-        )
+        try:
+            run = wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                sync_tensorboard=True,
+                config=vars(args),
+                name=os.path.basename(os.path.normpath(run_dir)),
+                save_code=True,
+                id=progress["wandb_id"],
+                resume="allow",
+            )
+        except wandb.Error as error:  # no API key, no network
+            problem = " ".join(str(error).split())[:200]
+            raise SystemExit(f"error: --track: wandb could not start ({problem}); `wandb login`, or WANDB_MODE=offline "
+                             "to log locally (`wandb sync` later)") from None  # fmt: skip
         progress["wandb_id"] = run.id
     writer = SummaryWriter(run_dir, purge_step=progress["step"] + 1 if args.resume else None)  # drop what followed
     table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
@@ -732,25 +812,71 @@ def stopwatch(progress: dict) -> Callable[[str], None]:
     return charge
 
 
-def stop_requests() -> list[int]:
-    """SIGINT (Ctrl-C) and SIGTERM, received into the returned list: the loop finishes its update, checkpoints and
-    exits. A second signal stops at once."""
-    received = []
+class Interrupted(Exception):
+    """A SIGINT or SIGTERM that stops the run where it is (an evaluation, or a second signal in training)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_requests() -> dict:
+    """SIGINT (Ctrl-C) and SIGTERM, by stop["phase"]. start-up: nothing to save yet, the run ends at once; training:
+    the loop finishes its update, checkpoints and stops, a second signal raises Interrupted at once; evaluation:
+    Interrupted at once (the checkpoint precedes it); stopping: ignored; done: the results are saved, it ends."""
+    stop = {"phase": "start-up", "signals": []}
 
     def request_stop(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-        print(f"{signal.Signals(signum).name}: checkpointing after this update (again to stop at once)", flush=True)
+        stop["signals"].append(signum)
+        name, phase = signal.Signals(signum).name, stop["phase"]
+        if phase in ("start-up", "done"):
+            print(f"{name}: stopped during {phase} ({'no update made' if phase == 'start-up' else 'all saved'})",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(128 + signum)
+        if phase == "evaluation" or (phase == "training" and len(stop["signals"]) > 1):
+            raise Interrupted(signum)
+        if phase == "training":
+            tqdm.write(f"{name}: checkpointing after this update (again to stop at once)")
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    return received
+    return stop
 
 
-def log_losses(writer: SummaryWriter, losses: dict, first_nonfinite: np.ndarray, progress: dict, args: Args):
-    """The losses (read from the device, one per seed) to tensorboard and a progress line (means over seeds); a
-    non-finite loss, whose first update the scan tracked, ends the run before anything is saved, naming its seed."""
+def progress_bar(total: int, initial: int, unit: str, desc: str | None = None) -> tqdm | None:
+    """A tqdm bar on a terminal; None when stdout is a file (a cluster's log), which gets progress lines instead."""
+    if not sys.stdout.isatty():
+        return None
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, leave=False)
+
+
+def episode_counter(num_episodes: int, step: int) -> Callable[[], None]:
+    """Called as each evaluation episode ends: a bar on a terminal; in a log, a line at each quarter of 50 or more."""
+    bar, done = progress_bar(num_episodes, 0, "episode", f"evaluation at update {step}"), [0]
+
+    def episode_done():
+        done[0] += 1
+        if bar is not None:
+            bar.update()
+            if done[0] == num_episodes:
+                bar.close()
+        elif num_episodes >= 50 and done[0] < num_episodes and done[0] % (num_episodes // 4) == 0:
+            print(f"evaluation at update {step}: {done[0]}/{num_episodes} episodes", flush=True)
+
+    return episode_done
+
+
+def duration(seconds: float) -> str:
+    """`2 h 05 min`, `12 min`, `40 s`."""
+    if seconds >= 3600:
+        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def log_losses(writer: SummaryWriter, losses: dict, first_nonfinite: np.ndarray, progress: dict, args: Args, bar):
+    """The losses (read from the device, one per seed) to tensorboard and a progress line (means over seeds; or the
+    terminal's bar); a non-finite loss, whose first update the scan tracked, ends the run before anything is saved,
+    naming its seed."""
     seeds = [args.seed + k for k in range(args.num_seeds)]
     step, losses = progress["step"], {name: np.asarray(losses[name]).tolist() for name in LOSSES}  # jit sorts keys
     first = np.reshape(first_nonfinite, -1)  # per seed
@@ -770,12 +896,14 @@ def log_losses(writer: SummaryWriter, losses: dict, first_nonfinite: np.ndarray,
         add_seed_scalars(writer, f"losses/{name}", values, step, seeds)
     updates_per_second = step / max(progress["train_seconds"], 1e-9)
     writer.add_scalar("charts/updates_per_second", updates_per_second, step)
-    minutes_left = (args.total_steps - step) / updates_per_second / 60
-    print(
-        f"update {step}/{args.total_steps} | {updates_per_second:.1f} updates/s | ETA {minutes_left:.1f} min | "
-        f"critic {np.mean(losses['critic_loss']):.3f} | bc {np.mean(losses['bc_loss']):.3f} | "
-        f"q {np.mean(losses['q_loss']):.3f}"
-    )
+    values = f"critic {np.mean(losses['critic_loss']):.3f} | bc {np.mean(losses['bc_loss']):.3f} | "
+    values += f"q {np.mean(losses['q_loss']):.3f}"
+    if bar is not None:  # the bar shows the rate and the ETA
+        bar.update(step - bar.n)
+        bar.set_postfix_str(values)
+        return
+    eta = duration((args.total_steps - step) / updates_per_second)
+    print(f"update {step}/{args.total_steps} | {updates_per_second:.1f} updates/s | ETA {eta} | {values}")
 
 
 def seed_values(values: dict, k: int) -> dict:
@@ -830,11 +958,21 @@ def named_states(actor_state: TrainState, critic_state: CriticTrainState) -> dic
 def save_checkpoint(run_dir: str, actor_state, critic_state, key: jax.Array, progress: dict, args: Args):
     states = named_states(actor_state, critic_state)
     state = {name: flax.serialization.to_state_dict(value) for name, value in states.items()}
+    progress["checkpoint_step"] = progress["step"]
     progress = progress | {  # msgpack takes lists, not tuples
         "evaluations": [list(evaluation) for evaluation in progress["evaluations"]],
         "last_losses": list(progress["last_losses"]),
     }
-    save_atomically(f"{run_dir}/checkpoint.msgpack", state | {"key": key, "progress": progress, "args": asdict(args)})
+    content = state | {"key": key, "progress": progress, "args": asdict(args), "script": SCRIPT}
+    save_atomically(f"{run_dir}/{CHECKPOINT}", content)
+
+
+def keep_final_summary(run_dir: str):
+    """A finished run that goes on keeps its final summary.json as summary_{updates}.json."""
+    summary = final_summary(run_dir)
+    if summary:
+        os.replace(f"{run_dir}/summary.json", f"{run_dir}/summary_{summary['total_steps']}.json")
+        print(f"{run_dir}: the finished run's summary.json kept as summary_{summary['total_steps']}.json")
 
 
 def restore(saved: dict, actor_state, critic_state, key: jax.Array, resume: bool) -> tuple:
@@ -868,7 +1006,8 @@ def restore(saved: dict, actor_state, critic_state, key: jax.Array, resume: bool
 def write_summary(run_dir: str, progress: dict, args: Args, dataset_id: str, device, **results) -> dict:
     trained = progress["train_seconds"] > 0
     updates_per_second = progress["step"] / progress["train_seconds"] if trained else None
-    summary = {"algorithm": args.exp_name, "env_id": args.env_id, "dataset_id": dataset_id, "seed": args.seed}
+    summary = {"algorithm": SCRIPT[: -len(".py")], "exp_name": args.exp_name, "env_id": args.env_id}
+    summary |= {"dataset_id": dataset_id, "seed": args.seed}
     summary |= {"total_steps": progress["step"], **results, "num_candidates": args.num_candidates}
     summary["best_normalized_score"] = max((score for _, score in progress["evaluations"]), default=None)
     summary |= {key: progress[key] for key in ("train_seconds", "eval_seconds", "compile_seconds")}
@@ -891,29 +1030,37 @@ def result_line(summary: dict, run_dir: str) -> str:
     return line + f"{summary['decision_hz']:.1f} decisions/s | {run_dir}/summary.json"
 
 
+def stopped_line(interrupted: Interrupted, progress: dict, args: Args, run_dir: str) -> str:
+    """What a stopped run says last: where it stopped, and how to go on."""
+    line = f"{interrupted}: stopped at update {progress['step']}"
+    if args.eval_only:
+        return line + "; nothing to resume: run the same command again to evaluate"
+    if progress["checkpoint_step"] is None:
+        return line + ", before its first checkpoint: nothing to resume, start it again"
+    return line + f"; continue from update {progress['checkpoint_step']}: python {SCRIPT} --resume {run_dir}"
+
+
 def save_atomically(path: str, content: dict):
-    """Write to a temporary file, then rename: an interrupted run never leaves half a file. JSON or msgpack."""
-    if path.endswith(".json"):
-        with open(path + ".tmp", "w") as f:
-            json.dump(content, f, indent=2)
-    else:
-        with open(path + ".tmp", "wb") as f:
-            f.write(flax.serialization.msgpack_serialize(jax.device_get(content)))
-    os.replace(path + ".tmp", path)
-
-
-def load_msgpack(path: str) -> dict:
-    """A file save_atomically wrote (model.msgpack, checkpoint.msgpack): nested dicts of numpy arrays and values."""
+    """Write to a temporary file, then rename, SIGINT and SIGTERM held meanwhile: a stopped run never leaves half a
+    file, and a failed write no temporary one. JSON or msgpack."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        with open(path, "rb") as f:
-            return flax.serialization.msgpack_restore(f.read())
-    except Exception as error:  # not msgpack (a torch model.pt), truncated
-        raise ValueError(f"{path}: not a file written by ofql_jax.py ({type(error).__name__}: {error})") from None
+        if path.endswith(".json"):
+            with open(path + ".tmp", "w") as f:
+                json.dump(content, f, indent=2)
+        else:
+            with open(path + ".tmp", "wb") as f:
+                f.write(flax.serialization.msgpack_serialize(jax.device_get(content)))
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal received meanwhile is handled now
 
 
 if __name__ == "__main__":
-    args, saved, dataset_id = parse_args()  # checked; with --resume, the run's own flags under the command line's
-    run_dir = args.resume or f"runs/{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    stop = stop_requests()  # SIGINT, SIGTERM: in start-up the run ends at once; later it checkpoints first
+    args, saved, dataset_id, run_dir = parse_args()  # checked; with --resume, the run's flags under the command line's
 
     # TRY NOT TO MODIFY: seeding (the backend is chosen first: the first JAX computation starts it)
     if args.threads == 1:  # read when the CPU backend starts
@@ -965,6 +1112,7 @@ if __name__ == "__main__":
         progress |= {"policy_calls": np.zeros(seed_axis, dtype=int).tolist()}
         progress |= {"seed_evaluations": []} if args.num_seeds > 1 else {}
     progress |= {"start_step": progress["step"], "last_losses": (progress["step"], {})}
+    progress.setdefault("checkpoint_step", progress["step"] if args.resume else None)
     for name in ("train_seconds", "eval_seconds", "compile_seconds"):
         progress.setdefault(name, 0.0)
     if args.eval_only:
@@ -973,6 +1121,7 @@ if __name__ == "__main__":
     # logging: only now that the data loaded, so that a failed start leaves no run folder behind
     writer = start_logging(args, run_dir, progress)
     if args.resume:
+        keep_final_summary(run_dir)
         print(f"resuming {run_dir} from update {progress['step']}")
 
     # --updates-per-call updates per compiled call, as many as divide every update at which the host acts
@@ -1002,7 +1151,13 @@ if __name__ == "__main__":
 
     def evaluate_and_log(step: int, num_episodes: int) -> np.ndarray:
         """Scores (seeds, episodes); logged: the mean, and with several seeds each seed's mean and their spread."""
-        returns = evaluate(policy, make_env, num_episodes, args.max_eval_envs, [seed + step for seed in seeds])
+        stop["phase"] = "evaluation"  # a signal interrupts it: the run resumes from the checkpoint made before it
+        if stop["signals"]:
+            raise Interrupted(stop["signals"][0])
+        episode_done = episode_counter(num_episodes * len(seeds), step)
+        env_seeds = [seed + step for seed in seeds]
+        returns = evaluate(policy, make_env, num_episodes, args.max_eval_envs, env_seeds, episode_done)
+        stop["phase"] = "training"
         scores = 100 * (returns - ref_min) / (ref_max - ref_min)
         seed_scores, pooled = scores.mean(axis=1), scores.reshape(-1)
         progress["evaluations"].append((step, float(pooled.mean())))  # with equal episodes, the mean of seeds
@@ -1012,58 +1167,72 @@ if __name__ == "__main__":
             progress["seed_evaluations"].append([step, seed_scores.tolist()])  # msgpack takes lists
             each = ", ".join(f"{score:.1f}" for score in seed_scores)
             line += f"; across seeds {seed_scores.mean():.1f} +- {seed_scores.std():.1f} ({each})"
-        print(line)
+        tqdm.write(line)
         return scores
 
-    # TRY NOT TO MODIFY: the training loop
-    stop_signals, charge = stop_requests(), stopwatch(progress)
+    # TRY NOT TO MODIFY: the training loop. A checkpoint precedes each evaluation: a run resumed there evaluates first
+    charge = stopwatch(progress)
     first_nonfinite = jnp.zeros(seed_axis, dtype=jnp.int32)  # the first update with a non-finite loss (0: none yet)
     if args.total_steps > progress["step"]:  # compiled ahead of the loop, timed apart from training
+        print(f"compiling {updates_per_call} updates per call (XLA: seconds on a CPU, up to minutes on a GPU)")
         compiling = time.perf_counter()
         train_step = train_step.lower(actor_state, critic_state, key, first_nonfinite, data).compile()
         charge("compile_seconds")
         print(f"compiled {updates_per_call} updates per call in {time.perf_counter() - compiling:.1f} s")
-    for step in range(progress["step"] + updates_per_call, args.total_steps + 1, updates_per_call):
-        actor_state, critic_state, key, first_nonfinite, losses = train_step(
-            actor_state, critic_state, key, first_nonfinite, data
-        )  # a batch drawn and updated on the device, updates_per_call times; dispatched, not waited for
-        progress["step"] = step
-
-        if step % args.eval_freq == 0 and step < args.total_steps:
-            jax.block_until_ready(actor_state)
-            charge("train_seconds")
-            evaluate_and_log(step, args.eval_episodes)
+    stop["phase"] = "training"
+    bar = progress_bar(args.total_steps, progress["step"], "update")
+    try:
+        if 0 < progress["step"] < args.total_steps and progress["step"] % args.eval_freq == 0:
+            evaluate_and_log(progress["step"], args.eval_episodes)
             charge("eval_seconds")
-        stopping = bool(stop_signals)  # read once: a later signal is handled after the next call
-        checkpointing = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
-        if step % args.log_freq == 0 or step == args.total_steps or checkpointing:
-            host_losses, first = jax.device_get((losses, first_nonfinite))  # the only host synchronisation
-            charge("train_seconds")
-            log_losses(writer, host_losses, first, progress, args)
-        if checkpointing:  # after this update's evaluation, which draws policy keys
-            save_checkpoint(run_dir, actor_state, critic_state, key, progress, args)
-        if stopping:
-            write_summary(run_dir, progress, args, dataset_id, device, updates_per_call=updates_per_call,
-                          interrupted_at_step=step, **seed_results(progress, seeds))  # fmt: skip
-            writer.close()
-            print(f"stopped at update {step}; continue with: python {sys.argv[0]} --resume {run_dir}")
-            sys.exit(128 + stop_signals[0])
+        for step in range(progress["step"] + updates_per_call, args.total_steps + 1, updates_per_call):
+            actor_state, critic_state, key, first_nonfinite, losses = train_step(
+                actor_state, critic_state, key, first_nonfinite, data
+            )  # a batch drawn and updated on the device, updates_per_call times; dispatched, not waited for
+            progress["step"] = step
 
-    if args.save_model:
-        networks = named_states(actor_state, critic_state)
-        model = {name: flax.serialization.to_state_dict(networks[name]) for name in NETWORKS}
-        save_atomically(f"{run_dir}/model.msgpack", model | {"args": asdict(args)})
-        print(f"model saved to {run_dir}/model.msgpack")
+            stopping = bool(stop["signals"])  # read once: a later signal is handled after the next call
+            evaluating = step % args.eval_freq == 0 and step < args.total_steps
+            checkpointing = stopping or evaluating or step == args.total_steps
+            checkpointing |= args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0
+            if step % args.log_freq == 0 or checkpointing:
+                host_losses, first = jax.device_get((losses, first_nonfinite))  # the only host synchronisation
+                charge("train_seconds")
+                log_losses(writer, host_losses, first, progress, args, bar)
+            if checkpointing:  # before this update's evaluation, which draws policy keys
+                save_checkpoint(run_dir, actor_state, critic_state, key, progress, args)
+            if stopping:
+                raise Interrupted(stop["signals"][0])
+            if evaluating:
+                evaluate_and_log(step, args.eval_episodes)
+                charge("eval_seconds")
+        if bar is not None:
+            bar.close()
 
-    # final evaluation, decision frequency and summary
-    scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)  # (seeds, episodes)
-    decision_hz = decision_frequency(policy, np.repeat(data["obs"][:1], args.num_seeds, axis=0))
+        if args.save_model:
+            networks = named_states(actor_state, critic_state)
+            model = {name: flax.serialization.to_state_dict(networks[name]) for name in NETWORKS}
+            save_atomically(f"{run_dir}/{MODEL}", model | {"args": asdict(args), "script": SCRIPT})
+            print(f"model saved to {run_dir}/{MODEL}")
+
+        # final evaluation, decision frequency and summary
+        scores = evaluate_and_log(args.total_steps, args.final_eval_episodes)  # (seeds, episodes)
+        stop["phase"] = "evaluation"
+        decision_hz = decision_frequency(policy, np.repeat(data["obs"][:1], args.num_seeds, axis=0))
+    except Interrupted as interrupted:
+        stop["phase"] = "stopping"
+        write_summary(run_dir, progress, args, dataset_id, device, updates_per_call=updates_per_call,
+                      interrupted_at_step=progress["step"], **seed_results(progress, seeds))  # fmt: skip
+        writer.close()
+        print(stopped_line(interrupted, progress, args, run_dir), file=sys.stderr)
+        sys.exit(128 + interrupted.signum)
     writer.add_scalar("charts/decision_hz", decision_hz, args.total_steps)
     pooled = scores.reshape(-1)  # every episode of every seed
     final = dict(normalized_score=float(pooled.mean()), normalized_score_std=float(pooled.std()))
     final |= dict(return_mean=float(pooled.mean() / 100 * (ref_max - ref_min) + ref_min), eval_episodes=len(scores[0]))
     final |= dict(decision_hz=decision_hz, updates_per_call=updates_per_call, **seed_results(progress, seeds, scores))
     summary = write_summary(run_dir, progress, args, dataset_id, device, **final)
+    stop["phase"] = "done"
     print(result_line(summary, run_dir))
     if args.num_seeds > 1:
         print(seeds_line(summary))

@@ -277,7 +277,7 @@ def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_ru
     stopped = interrupted["interrupted_at_step"]
     assert 100 <= stopped < 300 and f"--resume {run_dir.relative_to(cwd)}" in output
     assert (run_dir / "checkpoint.msgpack").is_file() and not list(run_dir.glob("*.tmp"))
-    saved = ofql_jax.load_msgpack(str(run_dir / "checkpoint.msgpack"))
+    saved = ofql_jax.load_saved(str(run_dir / "checkpoint.msgpack"), "--resume")
     assert {"actor", "critic", "critic_target", "actor_optimizer", "critic_optimizer", "key", "args"} <= set(saved)
     progress_keys = set("step evaluations wandb_id policy_calls train_seconds eval_seconds compile_seconds".split())
     assert progress_keys <= set(saved["progress"]) and saved["progress"]["step"] == stopped
@@ -314,7 +314,7 @@ def test_non_finite_loss_stops_with_the_update_and_keeps_the_last_checkpoint(see
     assert "the last finite losses, at update 1: critic_loss" in run.stderr
     assert not list(tmp_path.glob("runs/*/summary.json"))
     (checkpoint,) = tmp_path.glob("runs/*/checkpoint.msgpack")
-    saved = ofql_jax.load_msgpack(str(checkpoint))
+    saved = ofql_jax.load_saved(str(checkpoint), "--resume")
     assert saved["progress"]["step"] == 1 and saved["args"]["lr"] == 1e30
     assert all(
         np.isfinite(leaf).all()
@@ -427,7 +427,7 @@ def test_seeds_in_one_run_stop_and_resume_exactly(seeds_run, tmp_path):
     interrupted = json.loads((run_dir / "summary.json").read_text())
     stopped = interrupted["interrupted_at_step"]
     assert 10 <= stopped < 40 and interrupted["seeds"] == [1, 2]
-    saved = ofql_jax.load_msgpack(str(run_dir / "checkpoint.msgpack"))
+    saved = ofql_jax.load_saved(str(run_dir / "checkpoint.msgpack"), "--resume")
     assert (
         saved["key"].shape == (2, 2) and saved["args"]["num_seeds"] == 2 and len(saved["progress"]["policy_calls"]) == 2
     )
