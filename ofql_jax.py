@@ -1041,9 +1041,11 @@ def stopped_line(interrupted: Interrupted, progress: dict, args: Args, run_dir: 
 
 
 def save_atomically(path: str, content: dict):
-    """Write to a temporary file, then rename, SIGINT and SIGTERM held meanwhile: a stopped run never leaves half a
-    file, and a failed write no temporary one. JSON or msgpack."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """Write to a temporary file, then rename, SIGINT and SIGTERM held meanwhile (handled once the file is whole): a
+    stopped run never leaves half a file, and a failed write no temporary one. JSON or msgpack."""
+    held, handlers = [], {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in handlers:  # Python runs signal handlers in the main thread, which is writing: record them
+        signal.signal(signum, lambda signum, frame: held.append(signum))
     try:
         if path.endswith(".json"):
             with open(path + ".tmp", "w") as f:
@@ -1055,7 +1057,10 @@ def save_atomically(path: str, content: dict):
     finally:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal received meanwhile is handled now
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in held:  # handled now, as if received here
+            signal.raise_signal(signum)
 
 
 if __name__ == "__main__":

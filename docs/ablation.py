@@ -16,7 +16,8 @@ Usage (runs/paper by default; `pip install -e ".[plot]"` for report):
         --datasets sac/hopper/medium-replay-v0 sac/halfcheetah/medium-v0 --seeds 1 2 3 --total-steps 50000 --jobs 2
     MINARI_DATASETS_PATH=/path/to/datasets python docs/ablation.py eta-sweep \\
         --datasets sac/hopper/medium-replay-v0 sac/halfcheetah/medium-v0 --seeds 1 2 --total-steps 30000 --jobs 2
-    python docs/ablation.py report --out docs        # docs/ablation_<dataset>.png, docs/eta_sweep.png, tables printed
+    python docs/ablation.py report                  # runs/paper/report/ablation_<dataset>.png, eta_sweep.png, tables
+    python docs/ablation.py report --out docs        # the committed figures in docs/, rebuilt
     # the paper's budget (each task's row in TASKS) on D4RL's data, on a GPU:
     python docs/ablation.py ablation --datasets hopper-medium-v2 walker2d-medium-v2 --seeds 1 2 3 --jobs 4 \\
         --eval-freq 50000 --flags="--cuda --compile --cudagraphs"
@@ -49,6 +50,8 @@ ONE_STEP = {
     "fql-1": ("fql", ["--eval-steps", "1"], "FQL (1)"),
 }
 ETA_GRID = (0.001, 0.01, 0.1, 0.3, 0.5)  # the paper's grid
+CHECKPOINTS = ("checkpoint.pt", "checkpoint.msgpack")  # the torch scripts', ofql_jax.py's
+GRIDS = ("ablation", "eta_sweep")
 
 
 @dataclass
@@ -95,7 +98,7 @@ def training_command(folder: str, script: str, flags: list[str], dataset: str, s
     """A fresh run, or --resume of the folder's run from its checkpoint (with a larger --total-steps: a finished run
     goes on). A run killed before its first checkpoint starts over; its folder moves to stale/."""
     last, total_steps = run_dir(folder), ["--total-steps", str(args.total_steps)] if args.total_steps else []
-    if last and os.path.isfile(os.path.join(last, "checkpoint.pt")):
+    if last and any(os.path.isfile(os.path.join(last, name)) for name in CHECKPOINTS):
         return [sys.executable, os.path.join(ROOT, script), "--resume", os.path.relpath(last, folder), *total_steps]
     for stale in glob.glob(os.path.join(folder, "runs", "*")):
         os.makedirs(os.path.join(folder, "stale"), exist_ok=True)
@@ -189,8 +192,7 @@ def run_jobs(jobs: list[Job], num_parallel: int):
                 proc.send_signal(signal.SIGTERM)
         for proc in [proc for proc in running if proc.poll() is not None]:
             job = running.pop(proc)
-            status = "done" if done(job) else f"FAILED (exit code {proc.returncode}, see log.txt)"
-            print(f"[{time.time() - start:6.0f} s] {status}: {job.folder}", flush=True)
+            print(f"[{time.time() - start:6.0f} s] {job_status(job, proc.returncode)}: {job.folder}", flush=True)
         if pending and not ready and not running:
             print(
                 "these wait for training runs that failed or were not asked for:",
@@ -199,11 +201,38 @@ def run_jobs(jobs: list[Job], num_parallel: int):
             )
             break
         time.sleep(2)
-    left = sum(not done(job) for job in jobs)
-    print(
-        f"{len(jobs) - left} of {len(jobs)} runs done" + (f"; run the same command to go on ({left} left)" * bool(left))
-    )
-    return 1 if left and not stopping else 0
+    left = [job for job in jobs if not done(job)]
+    failed = [job for job in left if job_status(job).startswith("FAILED")]
+    line = f"{len(jobs) - len(left)} of {len(jobs)} runs done"
+    if failed:
+        line += f"; {len(failed)} failed (their error above, and in their log.txt): fix that, then run the same command"
+    if len(left) > len(failed):
+        line += f"; {len(left) - len(failed)} to go: run the same command to resume them"
+    print(line)
+    return 1 if failed or (left and not stopping) else 0
+
+
+def job_status(job: Job, returncode: int | None = None) -> str:
+    """done; interrupted (stopped by a signal, resumable from its checkpoint); not started; or FAILED with the
+    script's own error line."""
+    if done(job):
+        return "done"
+    last = run_dir(job.folder)
+    summary = os.path.join(last, "summary.json") if last else ""
+    if os.path.isfile(summary):
+        with open(summary) as f:
+            stopped_at = json.load(f).get("interrupted_at_step")
+        if stopped_at is not None and (returncode is None or returncode > 128):
+            return f"interrupted at update {stopped_at}, resumable (run the same command)"
+    log = os.path.join(job.folder, "log.txt")
+    errors = [line.strip() for line in open(log) if line.startswith("error:")] if os.path.isfile(log) else []
+    if errors:
+        return f"FAILED: {errors[-1]}"
+    if returncode is not None and returncode > 128:  # stopped in start-up, before anything was saved
+        return f"interrupted before its first update ({signal.Signals(returncode - 128).name}): run the same command"
+    if returncode is not None:
+        return f"FAILED (exit code {returncode}, see {log})"
+    return "not run yet"
 
 
 # REPORT: from the run folders alone
@@ -331,22 +360,41 @@ def main():
             grid.add_argument("--script", default="ofql_jax.py", choices=["ofql.py", "ofql_jax.py"])
     report = commands.add_parser("report", help="figures and tables from the run folders")
     report.add_argument("--runs-dir", default="runs/paper")
-    report.add_argument("--out", default="docs", help="folder for the PNG figures")
+    report.add_argument("--out", help="folder for the figures (default: <runs-dir>/report; docs: the committed ones)")
     args = parser.parse_args()
 
     if args.command == "report":
-        os.makedirs(args.out, exist_ok=True)
+        found = found_runs(args.runs_dir)
+        if not found:
+            sys.exit(f"error: --runs-dir {args.runs_dir}: no finished runs in its ablation/ or eta_sweep/ folders; "
+                     "train them with `ablation` or `eta-sweep` first, or name the folder they are in")  # fmt: skip
+        print("found finished runs:", *found, sep="\n  ")
+        out = args.out or os.path.join(args.runs_dir, "report")
+        os.makedirs(out, exist_ok=True)
         for grid, make_report in (("ablation", report_ablation), ("eta_sweep", report_eta_sweep)):
             if os.path.isdir(os.path.join(args.runs_dir, grid)):
-                make_report(os.path.join(args.runs_dir, grid), args.out)
+                make_report(os.path.join(args.runs_dir, grid), out)
         return 0
     if args.jobs < 1 or (args.total_steps is not None and args.total_steps < 1) or args.eval_freq < 1:
         parser.error("--jobs, --total-steps and --eval-freq must be >= 1")
     grid = "ablation" if args.command == "ablation" else "eta_sweep"
-    for dataset in args.datasets:
-        dataset_reference(dataset, os.path.join(args.runs_dir, grid, slug(dataset), "dataset.json"))
+    try:  # every dataset checked (and its reference level written) before any job starts
+        for dataset in args.datasets:
+            dataset_reference(dataset, os.path.join(args.runs_dir, grid, slug(dataset), "dataset.json"))
+    except ValueError as error:
+        sys.exit(f"error: --datasets: {error}")
     jobs = ablation_jobs(args) if args.command == "ablation" else eta_sweep_jobs(args)
     return run_jobs(jobs, args.jobs)
+
+
+def found_runs(runs_dir: str) -> list[str]:
+    """`grid/dataset/method: N seeds` for every method folder with finished runs."""
+    found = []
+    for folder in sorted(glob.glob(os.path.join(runs_dir, "*", "*", "*"))):
+        seeds = len(read_runs(folder)) if os.path.basename(os.path.dirname(os.path.dirname(folder))) in GRIDS else 0
+        if seeds:
+            found.append(f"{os.path.relpath(folder, runs_dir)}: {seeds} seed{'s' * (seeds > 1)}")
+    return found
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Needs matplotlib: pip install -e ".[plot]".
 import argparse
 import re
 import shlex
+import sys
 
 import matplotlib
 
@@ -26,7 +27,11 @@ COLORS = {"dql.py": "tab:blue", "fql.py": "tab:orange", "ofql.py": "tab:green", 
 def read_benchmark(path: str) -> tuple[str, list[tuple[str, float, float]]]:
     """The machine (the first heading or machine line) and (script and mode, updates/s, decisions/s) of every row."""
     title, mode, rows = None, "", []
-    for line in open(path):
+    try:
+        lines = open(path).read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        sys.exit(f"error: {path}: cannot be read as a benchmark output ({type(error).__name__}: {error})")
+    for line in lines:
         if line.startswith("# ") and title is None:
             title = line[2:].strip()
         elif line.startswith("$ "):
@@ -48,6 +53,9 @@ def main():
     args = parser.parse_args()
 
     machines = [read_benchmark(path) for path in args.inputs]
+    for path, (_, rows) in zip(args.inputs, machines, strict=True):
+        if not rows:
+            sys.exit(f"error: {path}: no table of tests/benchmark.py in it (rows `| dql.py | 16.4 | ... |`)")
     height = sum(max(len(rows), 1) for _, rows in machines)
     fig, axes = plt.subplots(
         len(machines), 2, figsize=(10, 1.2 + 0.42 * height), squeeze=False,

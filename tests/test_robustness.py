@@ -175,10 +175,10 @@ def bad_inputs(tmp_path, d4rl_file) -> dict[str, tuple[list[str], str]]:
             ["--env-id", "walker2d-medium-replay-v2", "--dataset-path", str(d4rl_file)],
             "do not match the env Walker2d-v4",
         ),
-        "resume without a checkpoint": (["--resume", str(tmp_path / "runs" / "nothing")], "no checkpoint"),
+        "resume without a checkpoint": (["--resume", str(tmp_path / "runs" / "nothing")], "nothing: no such folder"),
         "eval-only without a model": (
             ["--eval-only", "--checkpoint", "missing.pt"],
-            "--eval-only needs --checkpoint PATH",
+            "--checkpoint missing.pt: no such file",
         ),
     }
     import mujoco
@@ -223,6 +223,7 @@ OUT_OF_RANGE = {
     "gamma": "1.5",
     "tau": "0",
     "flow_ratio": "1.5",
+    "acting_ratio": "-0.5",
     "time_mu": "inf",
     "time_sigma": "0",
     "diffusion_steps": "0",
