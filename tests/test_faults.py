@@ -317,3 +317,10 @@ def test_the_runner_and_the_figure_scripts_say_what_went_wrong_in_one_line(minar
     wrong = docs("fig4_speed.py", str(ROOT / "README.md"), "--out", str(tmp_path / "fig4.png"))
     assert wrong.returncode == 1 and not (tmp_path / "fig4.png").exists()
     assert_one_line(wrong.stderr, "README.md: no table of tests/benchmark.py in it")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_value_tyro_cannot_parse_is_tyros_error_with_exit_code_2(script, tmp_path):
+    failed = run(script, tmp_path, "--batch-size", "abc")
+    assert failed.returncode == 2 and "batch-size" in failed.stderr and "Traceback" not in failed.stderr
+    assert not (tmp_path / "runs").exists()

@@ -342,9 +342,11 @@ def test_evaluation_of_several_seeds_is_each_seeds_own():
         return policy
 
     together_counts, alone_counts = [], [[], []]
-    together = ofql_jax.evaluate(policy_of(together_counts, np.array([1.0, -2.0])), make_env, 3, 2, [5, 9])
+    together = ofql_jax.evaluate(
+        policy_of(together_counts, np.array([1.0, -2.0])), make_env, 3, 2, [5, 9], lambda: None
+    )
     alone = [
-        ofql_jax.evaluate(policy_of(alone_counts[k], np.array([gain])), make_env, 3, 2, [seed])
+        ofql_jax.evaluate(policy_of(alone_counts[k], np.array([gain])), make_env, 3, 2, [seed], lambda: None)
         for k, (gain, seed) in enumerate(((1.0, 5), (-2.0, 9)))
     ]
     assert together.shape == (2, 3)
@@ -448,7 +450,8 @@ def test_seeds_in_one_run_stop_and_resume_exactly(seeds_run, tmp_path):
 
 
 def test_seeds_in_one_run_model_evaluates_every_seed_and_resume_keeps_the_seeds(seeds_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["ofql_jax.py", "--resume", str(seeds_run["run_dir"]), "--num-seeds", "3"])
+    resume = ["--resume", str(seeds_run["run_dir"]), "--total-steps", "100"]  # a finished run goes on only with more
+    monkeypatch.setattr(sys, "argv", ["ofql_jax.py", *resume, "--num-seeds", "3"])
     with pytest.raises(SystemExit, match="^error: --num-seeds 3: the run trains 2 seeds$"):
         ofql_jax.parse_args()
     evaluation = run_ofql_jax(
