@@ -27,9 +27,10 @@ import argparse
 import glob
 import json
 import os
+import runpy
 import shlex
+import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -49,9 +50,12 @@ ONE_STEP = {
     "dql-ddim1": ("dql", ["--eval-sampler", "ddim", "--eval-steps", "1"], "DQL + DDIM (1)"),
     "fql-1": ("fql", ["--eval-steps", "1"], "FQL (1)"),
 }
+# --batch-seeds: these methods' seeds train as one ofql_jax.py --num-seeds job per dataset (the eta sweep's too)
+BATCHED = {"ofql": ("ofql_jax.py", []), "ofql-eta0": ("ofql_jax.py", ["--eta", "0"])}
 ETA_GRID = (0.001, 0.01, 0.1, 0.3, 0.5)  # the paper's grid
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.msgpack")  # the torch scripts', ofql_jax.py's
-GRIDS = ("ablation", "eta_sweep")
+GRIDS = ("ablation", "eta_sweep", "table1")
+NO_EXIT_CODE = -1
 
 
 @dataclass
@@ -94,18 +98,30 @@ def finished(folder: str, total_steps: int | None = None) -> bool:
     return "interrupted_at_step" not in summary and summary["total_steps"] >= (total_steps or 0)
 
 
-def training_command(folder: str, script: str, flags: list[str], dataset: str, seed: int, args) -> list[str]:
-    """A fresh run, or --resume of the folder's run from its checkpoint (with a larger --total-steps: a finished run
-    goes on). A run killed before its first checkpoint starts over; its folder moves to stale/."""
+def seeds_folder(seeds: list[int]) -> str:
+    """seed<k> for one seed's run, seeds<a>-<b> for one run of ofql_jax.py --num-seeds training them all."""
+    return f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
+
+
+def training_command(folder: str, script: str, flags: list[str], env_id: str, seeds: list[int], args) -> list[str]:
+    """A fresh run (several seeds: ofql_jax.py --num-seeds), or --resume of the folder's run from its checkpoint (with a
+    larger --total-steps: a finished run goes on). A run killed before its first checkpoint starts over; its folder
+    moves to stale/."""
     last, total_steps = run_dir(folder), ["--total-steps", str(args.total_steps)] if args.total_steps else []
     if last and any(os.path.isfile(os.path.join(last, name)) for name in CHECKPOINTS):
         return [sys.executable, os.path.join(ROOT, script), "--resume", os.path.relpath(last, folder), *total_steps]
     for stale in glob.glob(os.path.join(folder, "runs", "*")):
         os.makedirs(os.path.join(folder, "stale"), exist_ok=True)
         os.rename(stale, os.path.join(folder, "stale", os.path.basename(stale)))
-    command = [sys.executable, os.path.join(ROOT, script), "--env-id", dataset, "--seed", str(seed), *total_steps]
+    command = [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--seed", str(seeds[0]), *total_steps]
+    command += ["--num-seeds", str(len(seeds))] if len(seeds) > 1 else []
     command += ["--eval-freq", str(args.eval_freq), "--checkpoint-freq", str(args.eval_freq), "--save-model"]
     return command + flags + shlex.split(args.flags)
+
+
+def seed_groups(args, batched: bool) -> list[list[int]]:
+    """The seeds of each job: all in one with --batch-seeds (where the script is ofql_jax.py), else one each."""
+    return [args.seeds] if batched and args.batch_seeds else [[seed] for seed in args.seeds]
 
 
 def ablation_jobs(args) -> list[Job]:
@@ -114,12 +130,15 @@ def ablation_jobs(args) -> list[Job]:
         for dataset in args.datasets:
             base = os.path.join(args.runs_dir, "ablation", slug(dataset))
             for method in args.methods:
-                folder = os.path.join(base, method, f"seed{seed}")
+                batched = args.batch_seeds and method in BATCHED
+                if batched and seed != args.seeds[0]:  # one job trains every seed, made with the first
+                    continue
+                seeds = args.seeds if batched else [seed]
+                folder = os.path.join(base, method, seeds_folder(seeds))
                 if method in TRAINED:
-                    script, flags, _ = TRAINED[method]
-                    jobs.append(
-                        Job(folder, training_command(folder, script, flags, dataset, seed, args), args.total_steps)
-                    )
+                    script, flags = BATCHED[method] if batched else TRAINED[method][:2]
+                    command = training_command(folder, script, flags, dataset, seeds, args)
+                    jobs.append(Job(folder, command, args.total_steps))
                     continue
                 trained, flags, _ = ONE_STEP[method]
                 command = [sys.executable, os.path.join(ROOT, f"{trained}.py"), "--eval-only", "--env-id", dataset]
@@ -130,15 +149,83 @@ def ablation_jobs(args) -> list[Job]:
 
 def eta_sweep_jobs(args) -> list[Job]:
     jobs = []
-    for seed in args.seeds:
+    for seeds in seed_groups(args, args.script == "ofql_jax.py"):
         for dataset in args.datasets:
             for eta in args.etas:
-                folder = os.path.join(args.runs_dir, "eta_sweep", slug(dataset), f"eta{eta:g}", f"seed{seed}")
-                flags = ["--eta", f"{eta:g}"]
-                jobs.append(
-                    Job(folder, training_command(folder, args.script, flags, dataset, seed, args), args.total_steps)
-                )
+                folder = os.path.join(args.runs_dir, "eta_sweep", slug(dataset), f"eta{eta:g}", seeds_folder(seeds))
+                command = training_command(folder, args.script, ["--eta", f"{eta:g}"], dataset, seeds, args)
+                jobs.append(Job(folder, command, args.total_steps))
     return jobs
+
+
+# TABLE 1: every task of the paper's Table 1 (the rows of ofql.py's TASKS), OFQL at its row's budget
+D4RL_VERSIONS = {"antmaze": "v2", "kitchen": "v0", "pen": "v1"}  # D4RL's names of the tasks; locomotion's: v2
+MUJOCO = ("halfcheetah", "hopper", "walker2d")  # trained on D4RL's own hdf5 files; the rest on Minari's D4RL data
+# updates/s of one job on one H200, by the seeds it trains (docs/benchmarks/h200.md and h200_num_seeds.txt);
+# ofql.py's with --compile --cudagraphs
+H200_UPDATES_PER_SECOND = {"ofql_jax.py": {1: 3269.2, 5: 1911.7}, "ofql.py": {1: 929.6}}
+
+
+def ofql_module():
+    sys.path.insert(0, ROOT)
+    import ofql
+
+    return ofql
+
+
+def h200_hours(script: str, num_seeds: int, updates: int) -> float:
+    """Estimated hours of one job's updates on one H200: the time per update measured for that many seeds, linear in
+    the seeds between (and beyond) the measured counts; evaluation not included."""
+    rates = H200_UPDATES_PER_SECOND[script]
+    counts = sorted(rates)
+    low, high = (counts[0], counts[-1]) if num_seeds not in rates else (num_seeds, num_seeds)
+    per_update = (
+        1 / rates[low]
+        if low == high
+        else 1 / rates[low] + (1 / rates[high] - 1 / rates[low]) * (num_seeds - low) / (high - low)
+    )
+    return updates * per_update / 3600
+
+
+def table1_jobs(args) -> tuple[list[Job], list[str], list[str]]:
+    """One job per task (and seed, without --batch-seeds); the plan's table lines; the D4RL files missing."""
+    ofql = ofql_module()
+    unknown = [task for task in args.tasks if task not in ofql.TASKS]
+    if unknown:
+        raise ValueError(f"--tasks {' '.join(unknown)}: not a row of Table 1; the rows: {', '.join(ofql.TASKS)}")
+    if args.batch_seeds and args.script != "ofql_jax.py":
+        raise ValueError("--batch-seeds trains the seeds in one ofql_jax.py --num-seeds run: use --script ofql_jax.py")
+    seed_sets = seed_groups(args, True)
+    plan = ["| task | data | eta | updates | jobs | H200 hours (est.) |", "|---|---|---|---|---|---|"]
+    jobs, missing, total = [], [], 0.0
+    for task in args.tasks:
+        domain = task.split("-")[0]
+        env_id, flags, data = f"{task}-{D4RL_VERSIONS.get(domain, 'v2')}", [], "Minari"
+        if domain in MUJOCO:
+            if args.d4rl_dir is None:
+                raise ValueError(f"--tasks {task}: the MuJoCo rows train on D4RL's hdf5 files: name their folder with "
+                                 "--d4rl-dir (the missing files are listed with their URLs)")  # fmt: skip
+            name = task.replace("-", "_")
+            path = os.path.abspath(os.path.join(args.d4rl_dir, f"{name}-v2.hdf5"))
+            flags, data = ["--dataset-path", path], os.path.basename(path)
+            if not os.path.isfile(path):
+                missing.append(f"{os.path.basename(path)}  {ofql.D4RL_FILE_URL.format(name=name)}")
+        updates = args.total_steps or ofql.TASKS[task][ofql.TASK_FIELDS.index("total_steps")]
+        hours = len(seed_sets) * h200_hours(args.script, len(seed_sets[0]), updates)
+        total += hours
+        eta = ofql.TASKS[task][ofql.TASK_FIELDS.index("eta")]
+        plan.append(f"| {env_id} | {data} | {eta:g} | {updates:,} | {len(seed_sets)} | {hours:.2f} |")
+        for seeds in seed_sets:
+            folder = os.path.join(args.runs_dir, "table1", task, "ofql", seeds_folder(seeds))
+            jobs.append(
+                Job(folder, training_command(folder, args.script, flags, env_id, seeds, args), args.total_steps)
+            )
+    seeds = f"--num-seeds {len(args.seeds)}, one job per task" if args.batch_seeds else "one job per task and seed"
+    plan.insert(0, f"Table 1: {len(args.tasks)} tasks, seeds {' '.join(map(str, args.seeds))}, {args.script} ({seeds})")
+    wall = f"{total / args.jobs:.1f} h on --jobs {args.jobs} GPUs"
+    plan.append(f"estimate: {total:.1f} GPU-hours of updates on one H200 ({wall}), from the updates/s measured in "
+                "docs/benchmarks/; evaluation adds to it")  # fmt: skip
+    return jobs, plan, missing
 
 
 def dataset_reference(dataset: str, path: str):
@@ -146,9 +233,7 @@ def dataset_reference(dataset: str, path: str):
     report, written once beside the runs (the report reads folders only)."""
     if os.path.isfile(path):
         return
-    sys.path.insert(0, ROOT)
-    import ofql
-
+    ofql = ofql_module()
     dataset_id = ofql.resolve_dataset_id(dataset)
     data = ofql.load_dataset(dataset_id)
     returns = np.array([episode.rewards.sum() for episode in data.iterate_episodes()])
@@ -159,12 +244,88 @@ def dataset_reference(dataset: str, path: str):
     ofql.save_atomically(path, info | {"normalized_score_std": float(scores.std())})
 
 
-def run_jobs(jobs: list[Job], num_parallel: int):
-    """Run the unfinished jobs, num_parallel at a time, an evaluation once its training run finished. SIGINT or
-    SIGTERM is passed on to the scripts, which checkpoint and stop; the next call resumes them."""
+def run_script(folder: str, command: list[str], group: str) -> int:
+    """One job, as the engine's worker runs it: the script executed in this process (runpy), in its folder, its output
+    appended to log.txt; its exit code returned. In-process, the engine's signals reach the script's own handlers
+    (SIGTERM on a stop or a cancel; SIGUSR2 before a time limit, turned into SIGTERM): it checkpoints and stops."""
+    os.chdir(folder)
+    try:  # out of the terminal's process group: a Ctrl-C reaches the runner alone, which stops each job once
+        os.setsid()
+    except OSError:  # already a session leader (a SLURM task may be)
+        pass
+    signal.signal(signal.SIGUSR2, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    os.environ["WANDB_RUN_GROUP"] = group  # --track: the runs of one grid in one wandb group
+    saved_fds = os.dup(1), os.dup(2)
+    with open("log.txt", "a") as log:
+        log.write(f"\n$ {shlex.join(command)}\n")
+        log.flush()
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        sys.stdout.reconfigure(line_buffering=True), sys.stderr.reconfigure(line_buffering=True)
+        sys.argv = command[1:]
+        try:
+            runpy.run_path(command[1], run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved_fds[0], 1), os.dup2(saved_fds[1], 2)
+    return code
+
+
+def check_engine(args):
+    """submitit installed, and sbatch here for --executor slurm: one line otherwise, before anything is written."""
+    try:
+        import submitit  # noqa: F401
+    except ModuleNotFoundError:
+        sys.exit('error: docs/ablation.py runs its jobs through submitit: pip install -e ".[grid]"')
+    if args.executor == "slurm" and shutil.which("sbatch") is None:
+        sys.exit("error: --executor slurm: no sbatch here; run on the cluster's login node (or --executor local)")
+
+
+def make_executor(args):
+    """submitit's executor: `local` runs each job as a process on this machine, `slurm` submits it with sbatch."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=os.path.join(args.runs_dir, "submitit"), cluster=args.executor)
+    executor.update_parameters(
+        name=f"ofql-{args.command}",
+        timeout_min=args.timeout_min,
+        gpus_per_node=args.gpus_per_job,
+        cpus_per_task=args.cpus_per_job,
+        slurm_partition=args.partition,
+        **({"slurm_account": args.account} if args.account else {}),
+    )
+    return executor
+
+
+def submit(executor, job: Job, group: str):
+    """The job submitted; the runner ignores SIGINT meanwhile, so that the local engine's controller process, which
+    inherits that, is not stopped by a Ctrl-C meant for the runner (it would kill the script before it checkpoints)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return executor.submit(run_script, os.path.abspath(job.folder), job.command, group)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def exit_code(engine_job) -> int:
+    """The script's exit code; NO_EXIT_CODE if the engine's job ended without one (killed, or failed to start)."""
+    try:
+        return engine_job.result()
+    except Exception:  # submitit's UncompletedJobError, FailedJobError
+        return NO_EXIT_CODE
+
+
+def run_jobs(jobs: list[Job], num_parallel: int, executor, group: str):
+    """Submit the unfinished jobs to the engine, num_parallel at a time, an evaluation once its training run finished.
+    SIGINT or SIGTERM is passed on to each running job once (local: SIGTERM; SLURM: scancel), and the scripts
+    checkpoint and stop; the next call resumes them."""
     pending = [job for job in jobs if not done(job)]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs done; {len(pending)} to go, {num_parallel} at a time")
-    running: dict[subprocess.Popen, Job] = {}
+    running: dict = {}  # submitit job -> Job
     stopping, forwarded = [], False
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
@@ -177,22 +338,19 @@ def run_jobs(jobs: list[Job], num_parallel: int):
             if job.after:
                 job.command += ["--checkpoint", os.path.abspath(os.path.join(run_dir(job.after), "model.pt"))]
             os.makedirs(job.folder, exist_ok=True)
-            with open(os.path.join(job.folder, "log.txt"), "a") as log:
-                log.write(f"\n$ {shlex.join(job.command)}\n")
-                log.flush()
-                env = os.environ | {"PYTHONUNBUFFERED": "1"}  # progress lines reach log.txt as they are printed
-                proc = subprocess.Popen(  # its own session: a Ctrl-C reaches the scripts once, through this loop
-                    job.command, cwd=job.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-                )
-            running[proc] = job
+            running[submit(executor, job, group)] = job
             print(f"[{time.time() - start:6.0f} s] start {job.folder}", flush=True)
         if stopping and not forwarded:  # once: a second signal would stop a script before it checkpoints
             forwarded = True
-            for proc in running:
-                proc.send_signal(signal.SIGTERM)
-        for proc in [proc for proc in running if proc.poll() is not None]:
-            job = running.pop(proc)
-            print(f"[{time.time() - start:6.0f} s] {job_status(job, proc.returncode)}: {job.folder}", flush=True)
+            for engine_job in running:
+                if executor.cluster == "local":  # its job id is the controller's pid, which passes SIGTERM on
+                    os.kill(int(engine_job.job_id), signal.SIGTERM)
+                else:
+                    engine_job.cancel(check=False)  # scancel: SIGTERM to the script
+        for engine_job in [engine_job for engine_job in running if engine_job.done()]:
+            job = running.pop(engine_job)
+            status = job_status(job, exit_code(engine_job))
+            print(f"[{time.time() - start:6.0f} s] {status}: {job.folder}", flush=True)
         if pending and not ready and not running:
             print(
                 "these wait for training runs that failed or were not asked for:",
@@ -200,7 +358,7 @@ def run_jobs(jobs: list[Job], num_parallel: int):
                 sep="\n  ",
             )
             break
-        time.sleep(2)
+        time.sleep(1)
     left = [job for job in jobs if not done(job)]
     failed = [job for job in left if job_status(job).startswith("FAILED")]
     line = f"{len(jobs) - len(left)} of {len(jobs)} runs done"
@@ -230,6 +388,10 @@ def job_status(job: Job, returncode: int | None = None) -> str:
         return f"FAILED: {errors[-1]}"
     if returncode is not None and returncode > 128:  # stopped in start-up, before anything was saved
         return f"interrupted before its first update ({signal.Signals(returncode - 128).name}): run the same command"
+    if returncode == NO_EXIT_CODE:
+        return (
+            f"FAILED (killed, or the engine could not run it: see {log} and the engine's logs in <runs-dir>/submitit)"
+        )
     if returncode is not None:
         return f"FAILED (exit code {returncode}, see {log})"
     return "not run yet"
@@ -237,13 +399,31 @@ def job_status(job: Job, returncode: int | None = None) -> str:
 
 # REPORT: from the run folders alone
 def read_runs(folder: str) -> list[dict]:
-    """The final summaries of a method's seeds (folder/seed*/runs/*/summary.json)."""
+    """The final summaries of a method's seeds: folder/seed<k>/runs/*/summary.json, and one per seed of a run of
+    several (folder/seeds<a>-<b>/, ofql_jax.py --num-seeds)."""
     summaries = []
     for seed_folder in sorted(glob.glob(os.path.join(folder, "seed*"))):
         if finished(seed_folder):
             with open(os.path.join(run_dir(seed_folder), "summary.json")) as f:
-                summaries.append(json.load(f))
+                summaries += each_seed(json.load(f))
     return summaries
+
+
+def each_seed(summary: dict) -> list[dict]:
+    """A run of several seeds split into one summary per seed, with the keys a one-seed run has."""
+    if summary.get("num_seeds", 1) == 1:
+        return [summary]
+    per_seed = zip(
+        summary["seeds"],
+        summary["seed_normalized_scores"],
+        summary["seed_best_normalized_scores"],
+        summary["seed_evaluations"],
+        strict=True,
+    )
+    return [
+        summary | {"seed": seed, "normalized_score": final, "best_normalized_score": best, "evaluations": curve}
+        for seed, final, best, curve in per_seed
+    ]
 
 
 def mean_std(values) -> str:
@@ -341,23 +521,63 @@ def report_eta_sweep(base: str, out: str):
     plt.close(fig)
 
 
+def report_table1(base: str, out: str):
+    """Table 1's rows: each task's final and best score, mean +- std across seeds, into table1.md."""
+    rows = ["| task | final score | best score | seeds | updates |", "|---|---|---|---|---|"]
+    for task_folder in sorted(glob.glob(os.path.join(base, "*"))):
+        summaries = read_runs(os.path.join(task_folder, "ofql"))
+        if summaries:
+            finals = [s["normalized_score"] for s in summaries]
+            best = [max(s["best_normalized_score"] or -np.inf, s["normalized_score"]) for s in summaries]
+            steps = "/".join(str(n) for n in sorted({s["total_steps"] for s in summaries}))
+            name = os.path.basename(task_folder)
+            rows.append(f"| {name} | {mean_std(finals)} | {mean_std(best)} | {len(summaries)} | {steps} |")
+    with open(os.path.join(out, "table1.md"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    print(f"\nTable 1, OFQL ({os.path.join(out, 'table1.md')}); mean +- std across seeds:\n" + "\n".join(rows))
+
+
+def add_engine_flags(grid: argparse.ArgumentParser):
+    engine = grid.add_argument_group("engine (submitit)")
+    engine.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: processes on this machine; slurm: sbatch jobs (submitit's executors)")  # fmt: skip
+    engine.add_argument("--jobs", type=int, default=2, help="jobs at a time (local: processes; slurm: submitted)")
+    engine.add_argument("--timeout-min", type=int, default=3 * 24 * 60, help="each job's time limit, in minutes "
+                        "(near it the script checkpoints and stops; the same command resumes it)")  # fmt: skip
+    engine.add_argument("--gpus-per-job", type=int, default=0)
+    engine.add_argument("--cpus-per-job", type=int, default=1)
+    engine.add_argument("--partition", help="SLURM partition")
+    engine.add_argument("--account", help="SLURM account")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("ablation", "eta-sweep"):
+    for name in ("ablation", "eta-sweep", "table1"):
         grid = commands.add_parser(name, help=f"train and evaluate the {name} grid (skips finished runs)")
-        grid.add_argument("--datasets", nargs="+", required=True, help="D4RL names or Minari ids")
+        if name == "table1":
+            grid.add_argument(
+                "--tasks", nargs="+", help="rows of Table 1 (default: all; their names: TASKS in ofql.py)"
+            )
+            grid.add_argument("--d4rl-dir", help="the folder of D4RL's MuJoCo hdf5 files (hopper_medium-v2.hdf5, ...)")
+            grid.add_argument("--dry-run", action="store_true", help="print the plan and its estimate, start nothing")
+        else:
+            grid.add_argument("--datasets", nargs="+", required=True, help="D4RL names or Minari ids")
         grid.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+        grid.add_argument("--batch-seeds", action="store_true",
+                          help="the OFQL runs' seeds in one ofql_jax.py --num-seeds job per dataset")  # fmt: skip
         grid.add_argument("--total-steps", type=int, help="updates per run (default: each task's row in TASKS)")
-        grid.add_argument("--eval-freq", type=int, default=5000, help="evaluate (10 episodes) and checkpoint every")
-        grid.add_argument("--jobs", type=int, default=2, help="runs at a time")
+        grid.add_argument("--eval-freq", type=int, default=50_000 if name == "table1" else 5000,
+                          help="evaluate (10 episodes) and checkpoint every")  # fmt: skip
         grid.add_argument("--flags", default="--threads 1 --no-cuda", help="more flags for every script")
         grid.add_argument("--runs-dir", default="runs/paper")
         if name == "ablation":
             grid.add_argument("--methods", nargs="+", choices=[*TRAINED, *ONE_STEP], default=[*TRAINED, *ONE_STEP])
         else:
-            grid.add_argument("--etas", nargs="+", type=float, default=list(ETA_GRID))
             grid.add_argument("--script", default="ofql_jax.py", choices=["ofql.py", "ofql_jax.py"])
+        if name == "eta-sweep":
+            grid.add_argument("--etas", nargs="+", type=float, default=list(ETA_GRID))
+        add_engine_flags(grid)
     report = commands.add_parser("report", help="figures and tables from the run folders")
     report.add_argument("--runs-dir", default="runs/paper")
     report.add_argument("--out", help="folder for the figures (default: <runs-dir>/report; docs: the committed ones)")
@@ -366,25 +586,47 @@ def main():
     if args.command == "report":
         found = found_runs(args.runs_dir)
         if not found:
-            sys.exit(f"error: --runs-dir {args.runs_dir}: no finished runs in its ablation/ or eta_sweep/ folders; "
-                     "train them with `ablation` or `eta-sweep` first, or name the folder they are in")  # fmt: skip
+            sys.exit(f"error: --runs-dir {args.runs_dir}: no finished runs in its {', '.join(GRIDS)} folders; "
+                     "train them with `ablation`, `eta-sweep` or `table1` first, or name their folder")  # fmt: skip
         print("found finished runs:", *found, sep="\n  ")
         out = args.out or os.path.join(args.runs_dir, "report")
         os.makedirs(out, exist_ok=True)
-        for grid, make_report in (("ablation", report_ablation), ("eta_sweep", report_eta_sweep)):
+        reports = (("ablation", report_ablation), ("eta_sweep", report_eta_sweep), ("table1", report_table1))
+        for grid, make_report in reports:
             if os.path.isdir(os.path.join(args.runs_dir, grid)):
                 make_report(os.path.join(args.runs_dir, grid), out)
         return 0
     if args.jobs < 1 or (args.total_steps is not None and args.total_steps < 1) or args.eval_freq < 1:
         parser.error("--jobs, --total-steps and --eval-freq must be >= 1")
-    grid = "ablation" if args.command == "ablation" else "eta_sweep"
+    if args.batch_seeds and args.seeds != list(range(args.seeds[0], args.seeds[0] + len(args.seeds))):
+        parser.error(f"--batch-seeds trains seeds s, s + 1, ... in one run: --seeds {' '.join(map(str, args.seeds))} "
+                     "are not consecutive")  # fmt: skip
+    grid = {"ablation": "ablation", "eta-sweep": "eta_sweep", "table1": "table1"}[args.command]
+    check_engine(args)
     try:  # every dataset checked (and its reference level written) before any job starts
-        for dataset in args.datasets:
-            dataset_reference(dataset, os.path.join(args.runs_dir, grid, slug(dataset), "dataset.json"))
+        if args.command == "table1":
+            args.tasks = args.tasks or list(ofql_module().TASKS)
+            jobs, plan, missing = table1_jobs(args)
+            print("\n".join(plan))
+            if missing:
+                print(f"{len(missing)} D4RL files are not in --d4rl-dir {args.d4rl_dir}; download them there:",
+                      *missing, sep="\n  ")  # fmt: skip
+                if not args.dry_run:
+                    sys.exit(f"error: --d4rl-dir {args.d4rl_dir}: {len(missing)} files missing (listed above)")
+            if args.dry_run:
+                return 0
+        else:
+            for dataset in args.datasets:
+                dataset_reference(dataset, os.path.join(args.runs_dir, grid, slug(dataset), "dataset.json"))
+            if args.batch_seeds and args.command == "eta-sweep" and args.script != "ofql_jax.py":
+                raise ValueError(
+                    "--batch-seeds trains seeds in one ofql_jax.py --num-seeds run: use --script ofql_jax.py"
+                )
+            jobs = ablation_jobs(args) if args.command == "ablation" else eta_sweep_jobs(args)
     except ValueError as error:
-        sys.exit(f"error: --datasets: {error}")
-    jobs = ablation_jobs(args) if args.command == "ablation" else eta_sweep_jobs(args)
-    return run_jobs(jobs, args.jobs)
+        sys.exit(f"error: {error}" if str(error).startswith("--") else f"error: --datasets: {error}")
+    group = f"{grid}-{os.path.basename(os.path.abspath(args.runs_dir))}"  # e.g. ablation-paper
+    return run_jobs(jobs, args.jobs, make_executor(args), group)
 
 
 def found_runs(runs_dir: str) -> list[str]:
