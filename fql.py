@@ -295,6 +295,22 @@ def update_actor_target(actor_target: Actor, actor: Actor, step: int, args: Args
 
 
 @torch.no_grad()
+def diagnostics(networks: dict, data: dict, args: Args, step: int) -> dict[str, torch.Tensor]:
+    """What the Q term does to the policy, on a batch of its own (drawn with the step as seed: the training RNG is left
+    as it was): q_gap, the critic's Q1 of the policy's actions minus Q1 of the data's (above 0: rated above the data;
+    growing with eta while the score does not: the policy exploits the critic); action_mse, the squared distance of
+    the policy's actions from the data's at the same states (how far the Q term moves the policy from the data)."""
+    actor, critic, device = networks["actor"], networks["critic"], data["obs"].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + step)
+        idx = torch.randint(len(data["obs"]), (args.batch_size,), device=device)
+        obs, actions = data["obs"][idx], data["actions"][idx]
+        policy_actions = sample_actions(actor, obs, args.flow_steps)
+    q_gap = (critic(obs, policy_actions)[0] - critic(obs, actions)[0]).mean()
+    return dict(q_gap=q_gap, action_mse=F.mse_loss(policy_actions, actions))
+
+
+@torch.no_grad()
 def select_actions(
     actor: Actor, critic_target: Critic, obs: torch.Tensor, num_candidates: int, steps: int
 ) -> torch.Tensor:
@@ -1059,7 +1075,7 @@ if __name__ == "__main__":
             checkpointing |= args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0
             if step % args.log_freq == 0 or checkpointing:
                 charge("train_seconds")
-                log_losses(writer, losses, progress, args, bar)
+                log_losses(writer, losses | diagnostics(networks, data, args, step), progress, args, bar)
             if checkpointing:  # before this update's evaluation, which draws from the same RNG
                 save_checkpoint(run_dir, networks, optimizers, progress, args)
             if stopping:

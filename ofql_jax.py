@@ -374,6 +374,23 @@ def over_seeds(f: Callable, num_seeds: int, in_axes=0) -> Callable:
     return jax.vmap(f, in_axes=in_axes) if num_seeds > 1 else f
 
 
+def diagnostics(actor: Actor, critic: Critic, args: Args, actor_params, critic_params, data, key, step) -> dict:
+    """What the Q term does to the policy, on a batch of its own (its key folded with the step: the training keys are
+    left as they were): q_gap, the critic's Q1 of the policy's actions minus Q1 of the data's (above 0: rated above the
+    data; growing with eta while the score does not: the policy exploits the critic); action_mse, the squared distance
+    of the policy's actions from the data's at the same states (how far the Q term moves the policy from the data);
+    acting_bc_loss, the MeanFlow loss (Eq. 17) at the acting pair (r, t) = (0, 1) of one-step sampling (Eq. 18), beside
+    the batch's bc_loss."""
+    key_batch, key_pi, key_noise = jax.random.split(jax.random.fold_in(key, step), 3)
+    idx = jax.random.randint(key_batch, (args.batch_size,), 0, data["obs"].shape[0])
+    obs, actions = data["obs"][idx], data["actions"][idx]
+    policy_actions = sample_actions(actor, actor_params, obs, key_pi)
+    ones, noise = jnp.ones(obs.shape[0]), jax.random.normal(key_noise, actions.shape)
+    acting_bc_loss = mean_flow_loss(actor, actor_params, obs, actions, ones, 1 - ones, noise)
+    q_gap = (critic.apply(critic_params, obs, policy_actions)[0] - critic.apply(critic_params, obs, actions)[0]).mean()
+    return dict(q_gap=q_gap, action_mse=jnp.mean((policy_actions - actions) ** 2), acting_bc_loss=acting_bc_loss)
+
+
 def select_actions(actor: Actor, critic: Critic, actor_params, critic_target_params, obs, key, num_candidates: int):
     """Evaluation policy: `num_candidates` actions per state, one drawn from softmax over the target critic's min-Q."""
     n = obs.shape[0]
@@ -463,7 +480,7 @@ KITCHEN_MUJOCO = (3, 12)  # FrankaKitchen-v1 fails on mujoco >= 3.12 (a joint-ty
 BATCH_KEYS = ("obs", "actions", "rewards", "next_obs", "terminals")
 SCRIPT, CHECKPOINT, MODEL = os.path.basename(__file__), "checkpoint.msgpack", "model.msgpack"
 NETWORKS, OPTIMIZERS = ("actor", "critic", "critic_target"), ("actor_optimizer", "critic_optimizer")
-LOSSES = ("critic_loss", "bc_loss", "q_loss", "actor_loss", "q_mean")
+LOSSES = ("critic_loss", "bc_loss", "q_loss", "actor_loss", "q_mean", "q_gap", "action_mse", "acting_bc_loss")
 
 
 def strip_version(name: str) -> str:
@@ -1144,6 +1161,8 @@ if __name__ == "__main__":
         return select_actions(actor, critic, actor_params, critic_target_params, obs, key, args.num_candidates)
 
     policy_step = jax.jit(over_seeds(policy_step, args.num_seeds))
+    diagnose = jax.jit(over_seeds(partial(diagnostics, actor, critic, args), args.num_seeds, (0, 0, None, 0, None)))
+    diagnostics_key = jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]).reshape(*seed_axis, 2)  # apart from key
 
     def policy(obs: np.ndarray, active: np.ndarray) -> jax.Array:
         """Actions for (seeds x states, obs_dim) observations, seed by seed, in one call. A seed counts the calls
@@ -1201,6 +1220,7 @@ if __name__ == "__main__":
             checkpointing = stopping or evaluating or step == args.total_steps
             checkpointing |= args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0
             if step % args.log_freq == 0 or checkpointing:
+                losses |= diagnose(actor_state.params, critic_state.params, data, diagnostics_key, step)
                 host_losses, first = jax.device_get((losses, first_nonfinite))  # the only host synchronisation
                 charge("train_seconds")
                 log_losses(writer, host_losses, first, progress, args, bar)
