@@ -122,6 +122,11 @@ class Args:
     acting_ratio: float = 0.0
     """fraction of each batch (its end, before flow_ratio's) at (r, t) = (0, 1), where one-step sampling acts (Eq. 18);
     0: the paper's"""
+    adaptive_power: float = 0.0
+    """MeanFlow's adaptive loss weighting: each pair's BC error weighted by the stopped 1 / (error + c)^p (MeanFlow's
+    p: 1); 0: plain MSE, the paper's"""
+    adaptive_c: float = 1e-3
+    """the constant c of --adaptive-power's weights"""
     time_mu: float = -0.4
     """mean of the logit-normal that t and r are drawn from"""
     time_sigma: float = 1.0
@@ -137,6 +142,7 @@ RANGES = {
     **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
     **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]"},
+    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)"},
     **{"time_mu": "(-inf, inf)"},
 }
 
@@ -254,13 +260,16 @@ def sample_time_pairs(batch_size: int, flow_ratio: float, mu: float, sigma: floa
     return torch.where(acting, 1.0, t), torch.where(acting, 0.0, torch.where(equal, t, r))
 
 
-def mean_flow_loss(actor: Actor, obs, actions, t, r, noise) -> torch.Tensor:
+def mean_flow_loss(actor: Actor, obs, actions, t, r, noise, power: float = 0.0, c: float = 1e-3) -> torch.Tensor:
     """MeanFlow behaviour cloning (Eq. 17) on the path a_t = (1 - t) a + t eps with velocity v = eps - a:
-    u regressed onto u_tgt = v - (t - r) du/dt (Eq. 16), with no gradient through the target."""
+    u regressed onto u_tgt = v - (t - r) du/dt (Eq. 16), with no gradient through the target. power > 0: MeanFlow's
+    adaptive weighting, each pair's error (mean over action dimensions) weighted by the stopped 1 / (error + c)^power.
+    """
     a_t = (1 - t[:, None]) * actions + t[:, None] * noise
     v = noise - actions
     u, du_dt = actor.jvp(a_t, r, t, obs, v)
-    return F.mse_loss(u, v - (t - r)[:, None] * du_dt)
+    error = (u - (v - (t - r)[:, None] * du_dt)).pow(2).mean(dim=-1)  # (B,)
+    return (error / (error.detach() + c) ** power).mean()
 
 
 def gradient_step(optimizer: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor, grad_norm: float):
@@ -290,7 +299,7 @@ def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, 
 
     # actor: MeanFlow BC (Eq. 17) - eta * Q / |Q| (Eq. 19), the Q term through ONE network call
     t, r = sample_time_pairs(len(obs), args.flow_ratio, args.time_mu, args.time_sigma, obs.device, args.acting_ratio)
-    bc_loss = mean_flow_loss(actor, obs, actions, t, r, torch.randn_like(actions))
+    bc_loss = mean_flow_loss(actor, obs, actions, t, r, torch.randn_like(actions), args.adaptive_power, args.adaptive_c)
     q1, q2 = critic(obs, sample_actions(actor, obs))
     q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other for its scale
     q_loss = -q.mean() / q_scale.abs().mean().detach()

@@ -128,6 +128,11 @@ class Args:
     acting_ratio: float = 0.0
     """fraction of each batch (its end, before flow_ratio's) at (r, t) = (0, 1), where one-step sampling acts (Eq. 18);
     0: the paper's"""
+    adaptive_power: float = 0.0
+    """MeanFlow's adaptive loss weighting: each pair's BC error weighted by the stopped 1 / (error + c)^p (MeanFlow's
+    p: 1); 0: plain MSE, the paper's"""
+    adaptive_c: float = 1e-3
+    """the constant c of --adaptive-power's weights"""
     time_mu: float = -0.4
     """mean of the logit-normal that t and r are drawn from"""
     time_sigma: float = 1.0
@@ -143,6 +148,7 @@ RANGES = {
     **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "updates_per_call", "num_seeds")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
     **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]"},
+    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)"},
     **{"time_mu": "(-inf, inf)"},
 }
 
@@ -286,12 +292,14 @@ def mean_flow_target(actor: Actor, params, a_t, r, t, obs, v) -> jax.Array:
     return jax.lax.stop_gradient(v - (t - r)[:, None] * du_dt)
 
 
-def mean_flow_loss(actor: Actor, params, obs, actions, t, r, noise) -> jax.Array:
+def mean_flow_loss(actor: Actor, params, obs, actions, t, r, noise, power: float = 0.0, c: float = 1e-3) -> jax.Array:
     """MeanFlow behaviour cloning (Eq. 17) on the path a_t = (1 - t) a + t eps with velocity v = eps - a: u regressed
-    onto u_tgt (Eq. 16)."""
+    onto u_tgt (Eq. 16). power > 0: MeanFlow's adaptive weighting, each pair's error (mean over action dimensions)
+    weighted by the stopped 1 / (error + c)^power."""
     a_t = (1 - t[:, None]) * actions + t[:, None] * noise
     u_tgt = mean_flow_target(actor, params, a_t, r, t, obs, noise - actions)
-    return jnp.mean((actor.apply(params, a_t, r, t, obs) - u_tgt) ** 2)
+    error = jnp.mean((actor.apply(params, a_t, r, t, obs) - u_tgt) ** 2, axis=-1)  # (B,)
+    return jnp.mean(error / (jax.lax.stop_gradient(error) + c) ** power)
 
 
 def td_loss(critic: Critic, params, obs, actions, target_q) -> tuple[jax.Array, jax.Array]:
@@ -330,7 +338,7 @@ def update(actor: Actor, critic: Critic, args: Args, actor_state, critic_state, 
     swap = jax.random.uniform(key_swap) < 0.5  # a random critic for Q, the other for its scale (no lax.cond)
 
     def actor_loss_fn(params):
-        bc_loss = mean_flow_loss(actor, params, obs, actions, t, r, noise)
+        bc_loss = mean_flow_loss(actor, params, obs, actions, t, r, noise, args.adaptive_power, args.adaptive_c)
         q1, q2 = critic.apply(critic_state.params, obs, sample_actions(actor, params, obs, key_pi))
         scale1, scale2 = jax.lax.stop_gradient(jnp.abs(q1).mean()), jax.lax.stop_gradient(jnp.abs(q2).mean())
         q_loss = -jnp.where(swap, q2.mean() / scale1, q1.mean() / scale2)
@@ -1156,11 +1164,18 @@ if __name__ == "__main__":
                               in_axes=(0, 0, 0, 0, None))  # fmt: skip
     train_step = jax.jit(update_seeds, donate_argnums=(0, 1, 2, 3))
 
-    def policy_step(actor_params, critic_target_params, eval_key: jax.Array, call, obs: jax.Array) -> jax.Array:
+    def seed_policy(actor_params, critic_target_params, eval_key: jax.Array, call, obs: jax.Array) -> jax.Array:
         key = jax.random.fold_in(eval_key, call)  # a fresh key per call, no host-side split
         return select_actions(actor, critic, actor_params, critic_target_params, obs, key, args.num_candidates)
 
-    policy_step = jax.jit(over_seeds(policy_step, args.num_seeds))
+    @jax.jit
+    def policy_step(actor_params, critic_target_params, eval_key, calls, obs_by_seed) -> jax.Array:
+        """Every seed's actions, (seeds x states, action_dim): one program per call, no device work outside it."""
+        actions = over_seeds(seed_policy, args.num_seeds)(
+            actor_params, critic_target_params, eval_key, calls, obs_by_seed
+        )
+        return actions.reshape(-1, action_dim)
+
     diagnose = jax.jit(over_seeds(partial(diagnostics, actor, critic, args), args.num_seeds, (0, 0, None, 0, None)))
     diagnostics_key = jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]).reshape(*seed_axis, 2)  # apart from key
 
@@ -1170,8 +1185,7 @@ if __name__ == "__main__":
         calls = np.asarray(progress["policy_calls"])
         progress["policy_calls"] = (calls + active.reshape(seed_axis)).tolist()
         obs_by_seed = obs.reshape(*seed_axis, -1, obs.shape[-1])
-        actions = policy_step(actor_state.params, critic_state.target_params, eval_key, calls, obs_by_seed)
-        return actions.reshape(len(obs), -1)
+        return policy_step(actor_state.params, critic_state.target_params, eval_key, calls, obs_by_seed)
 
     def evaluate_and_log(step: int, num_episodes: int) -> np.ndarray:
         """Scores (seeds, episodes); logged: the mean, and with several seeds each seed's mean and their spread."""

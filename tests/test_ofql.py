@@ -133,6 +133,15 @@ def test_mean_flow_loss_regresses_u_onto_the_stopped_target():
     assert torch.allclose(loss, expected, rtol=1e-12)
     assert all(torch.allclose(g, e, rtol=1e-9, atol=1e-12) for g, e in zip(grads, expected_grads, strict=True))
 
+    # --adaptive-power p: each pair's error e_i weighted by the stopped 1 / (e_i + c)^p (MeanFlow's adaptive weighting)
+    errors = (actor(a_t, r, t, obs) - (v - (t - r)[:, None] * du_dt)).pow(2).mean(dim=-1)
+    weighted = ofql.mean_flow_loss(actor, obs, actions, t, r, noise, power=1.0, c=1e-3)
+    assert torch.allclose(weighted, (errors / (errors + 1e-3)).mean(), rtol=1e-12)
+    weighted_grads = torch.autograd.grad(weighted, list(actor.parameters()))
+    expected_grads = torch.autograd.grad((errors / (errors.detach() + 1e-3)).mean(), list(actor.parameters()))
+    assert all(torch.allclose(g, e, rtol=1e-9, atol=1e-12) for g, e in zip(weighted_grads, expected_grads, strict=True))
+    assert not all(torch.allclose(g, e) for g, e in zip(weighted_grads, grads, strict=True))  # not the plain loss
+
 
 def test_time_pairs_are_ordered_with_half_on_the_diagonal():
     t, r = ofql.sample_time_pairs(1000, 0.5, -0.4, 1.0, torch.device("cpu"))

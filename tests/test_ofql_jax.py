@@ -153,19 +153,21 @@ def test_losses_and_actions_agree_with_ofql(monkeypatch):
         critic.init(jax.random.PRNGKey(0), j["obs"], j["actions"])
     )
 
-    # MeanFlow loss (Eq. 17) and its gradient
-    bc_loss = ofql.mean_flow_loss(torch_actor, obs, actions, t, r, noise)
-    bc_loss.backward()
-    jax_bc_loss, jax_grads = jax.value_and_grad(ofql_jax.mean_flow_loss, argnums=1)(
-        actor, actor_params, j["obs"], j["actions"], j["t"], j["r"], j["noise"]
-    )
-    np.testing.assert_allclose(jax_bc_loss, bc_loss.item(), rtol=1e-5, atol=1e-5)
-    for expected, got in zip(
-        jax.tree.leaves(torch_to_flax((name, p.grad) for name, p in torch_actor.named_parameters())),
-        jax.tree.leaves(jax_grads),
-        strict=True,
-    ):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # MeanFlow loss (Eq. 17) and its gradient; also with MeanFlow's adaptive weighting (--adaptive-power)
+    for power in (0.0, 1.0):
+        torch_actor.zero_grad()
+        bc_loss = ofql.mean_flow_loss(torch_actor, obs, actions, t, r, noise, power, 1e-3)
+        bc_loss.backward()
+        jax_bc_loss, jax_grads = jax.value_and_grad(ofql_jax.mean_flow_loss, argnums=1)(
+            actor, actor_params, j["obs"], j["actions"], j["t"], j["r"], j["noise"], power, 1e-3
+        )
+        np.testing.assert_allclose(jax_bc_loss, bc_loss.item(), rtol=1e-5, atol=1e-5)
+        for expected, got in zip(
+            jax.tree.leaves(torch_to_flax((name, p.grad) for name, p in torch_actor.named_parameters())),
+            jax.tree.leaves(jax_grads),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
     # critic loss for a given target, as ofql.py's update computes it
     q1, q2 = torch_critic(obs, actions)
