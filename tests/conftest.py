@@ -21,6 +21,7 @@ torch.set_num_threads(1)  # small MLPs: one thread is fastest and steadiest on a
 HOPPER_DATASET_ID = "test/hopper/rollouts-v0"
 ANTMAZE_DATASET_ID = "test/antmaze/umaze-v0"  # task antmaze-umaze: cql rewards, success-rate scores
 PEN_DATASET_ID = "test/pen/human-v0"  # task pen-human: normalized rewards, the dataset's reference scores
+PENDULUM_DATASET_ID = "test/pendulum/random-v0"  # for learning tests: small, and Q-learning pays within minutes
 
 
 def random_episodes(env: gym.Env, num_episodes: int, seed: int) -> list[EpisodeBuffer]:
@@ -148,6 +149,16 @@ def pen_dataset(minari_path) -> str:
         ref_max_score=3000.0,
     )
     return PEN_DATASET_ID
+
+
+@pytest.fixture(scope="session")
+def pendulum_dataset(minari_path) -> str:
+    """Pendulum-v1 under random actions (40 episodes of 200 steps), scored from about 0 (random) to 100 (upright)."""
+    env = gym.make("Pendulum-v1")
+    create_dataset(
+        PENDULUM_DATASET_ID, random_episodes(env, 40, seed=0), env.spec, ref_min_score=-1200.0, ref_max_score=-150.0
+    )
+    return PENDULUM_DATASET_ID
 
 
 def stop_with_sigterm(script: str, cwd, flags: tuple[str, ...], after_update: int) -> tuple:
