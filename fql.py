@@ -1075,7 +1075,9 @@ if __name__ == "__main__":
             checkpointing |= args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0
             if step % args.log_freq == 0 or checkpointing:
                 charge("train_seconds")
-                log_losses(writer, losses | diagnostics(networks, data, args, step), progress, args, bar)
+                log_losses(writer, losses, progress, args, bar)
+                for name, value in diagnostics(networks, data, args, step).items():  # after the update: not checked
+                    writer.add_scalar(f"losses/{name}", value.item(), step)
             if checkpointing:  # before this update's evaluation, which draws from the same RNG
                 save_checkpoint(run_dir, networks, optimizers, progress, args)
             if stopping:

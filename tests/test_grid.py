@@ -82,7 +82,9 @@ def test_a_ctrl_c_to_the_process_group_stops_each_script_once_and_the_same_comma
         text = log.read_text()
         assert text.count("SIGTERM: checkpointing") == 1 and "stopped at update" in text, text[-2000:]
         assert "SIGINT" not in text and "Traceback" not in text, text[-2000:]
-    resumed = runner(*grid[2:], "--total-steps", "40", cwd=tmp_path)  # the stopped runs' budget cut: quick to end
+    stopped = [json.loads(next((log.parent / "runs").glob("*/summary.json")).read_text()) for log in logs]
+    budget = str(max(summary["interrupted_at_step"] for summary in stopped) + 20)  # the budget cut: quick to end
+    resumed = runner(*grid[2:], "--total-steps", budget, cwd=tmp_path)
     assert "2 of 2 runs done" in resumed and all("--resume" in log.read_text().split("$ ")[-1] for log in logs)
 
 

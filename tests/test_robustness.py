@@ -227,6 +227,8 @@ OUT_OF_RANGE = {
     "tau": "0",
     "flow_ratio": "1.5",
     "acting_ratio": "-0.5",
+    "adaptive_power": "-1",
+    "adaptive_c": "0",
     "time_mu": "inf",
     "time_sigma": "0",
     "diffusion_steps": "0",
