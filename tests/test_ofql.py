@@ -296,3 +296,17 @@ def test_ofql_learns_from_random_pendulum_data_at_dqls_q_weight(pendulum_dataset
     for name in ("q_gap", "action_mse", "acting_bc_loss"):
         assert [e.step for e in events.Scalars(f"losses/{name}")] == [1000, 2000, 3000]
         assert all(np.isfinite(e.value) for e in events.Scalars(f"losses/{name}"))
+
+
+def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
+    """--acting-ratio and --adaptive-power through the CLI: recorded in summary.json, finite losses and score."""
+    summary = run_ofql(
+        tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--adaptive-power", "1", "--adaptive-c", "0.01",
+        "--log-freq", "10", "--eval-freq", "20", "--final-eval-episodes", "1", "--max-eval-envs", "1",
+    )  # fmt: skip
+    assert (summary["args"]["acting_ratio"], summary["args"]["adaptive_power"], summary["args"]["adaptive_c"]) == (
+        0.25,
+        1.0,
+        0.01,
+    )
+    assert np.isfinite(summary["normalized_score"])  # and the losses finite: a non-finite one ends the run (exit 1)
