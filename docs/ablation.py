@@ -1,23 +1,29 @@
-"""The paper's ablation (Table 2) and an eta sweep, by command: train and evaluate every run, then rebuild the
+"""The paper's ablation (Table 2), an eta sweep and Table 1, by command: train and evaluate every run, then rebuild the
 figures and tables from the run folders alone.
 
 `ablation` trains DQL (5 steps), FQL (5 steps), OFQL (1 step) and OFQL with --eta 0 (MeanFlow behaviour cloning
 alone) with the same budget on every dataset and seed, then evaluates the paper's one-step variants of the trained
 5-step models at inference only: DQL + DDIM (1) and FQL (1) (`--eval-only` on the run's model.pt). `eta-sweep` trains
-OFQL (ofql_jax.py) over an eta grid. Both run --jobs scripts at a time, each through its own CLI in its own folder
-(<runs-dir>/<grid>/<dataset>/<method>/seed<k>/), checkpointing every --eval-freq updates: run the same command again
-after an interruption and it skips finished runs and resumes the others from their checkpoints. `report` reads the
-run folders and writes, per dataset, a figure of learning curves (mean +- std across seeds) and a markdown table of
-final (--final-eval-episodes, 150 by default) and best scores, mean +- std across seeds; for the sweep, one figure of
-score against eta.
+OFQL (ofql_jax.py) over an eta grid; `table1` OFQL on every row of the paper's Table 1 (TASKS), printing its plan, its
+estimated GPU-hours and the D4RL files missing before anything starts. Each job is a script run through its own CLI
+in its own folder (<runs-dir>/<grid>/<dataset>/<method>/seed<k>/, or seeds<a>-<b>/ for one ofql_jax.py --num-seeds
+run of them all with --batch-seeds), submitted through submitit: --executor local runs --jobs at a time here,
+--executor slurm submits them with sbatch. Runs checkpoint every --eval-freq updates: run the same command again after
+an interruption and it skips finished runs and resumes the others from their checkpoints. `report` reads the run
+folders and writes, per dataset, a figure of learning curves (mean +- std across seeds) and a markdown table of final
+(--final-eval-episodes, 150 by default) and best scores, mean +- std across seeds; for the sweep, one figure of score
+against eta; for table1, table1.md.
 
-Usage (runs/paper by default; `pip install -e ".[plot]"` for report):
+Usage (runs/paper by default; `pip install -e ".[grid]"` for the engine, `".[plot]"` for report):
     MINARI_DATASETS_PATH=/path/to/datasets python docs/ablation.py ablation \\
         --datasets sac/hopper/medium-replay-v0 sac/halfcheetah/medium-v0 --seeds 1 2 3 --total-steps 50000 --jobs 2
     MINARI_DATASETS_PATH=/path/to/datasets python docs/ablation.py eta-sweep \\
         --datasets sac/hopper/medium-replay-v0 sac/halfcheetah/medium-v0 --seeds 1 2 --total-steps 30000 --jobs 2
     python docs/ablation.py report                  # runs/paper/report/ablation_<dataset>.png, eta_sweep.png, tables
     python docs/ablation.py report --out docs        # the committed figures in docs/, rebuilt
+    python docs/ablation.py table1 --d4rl-dir /path/to/d4rl --batch-seeds --dry-run   # plan, GPU-hours, missing files
+    python docs/ablation.py table1 --d4rl-dir /path/to/d4rl --batch-seeds --executor slurm --partition gpu \\
+        --gpus-per-job 1 --jobs 20 --flags="--cuda"
     # the paper's budget (each task's row in TASKS) on D4RL's data, on a GPU:
     python docs/ablation.py ablation --datasets hopper-medium-v2 walker2d-medium-v2 --seeds 1 2 3 --jobs 4 \\
         --eval-freq 50000 --flags="--cuda --compile --cudagraphs"
