@@ -199,8 +199,6 @@ def table1_jobs(args) -> tuple[list[Job], list[str], list[str]]:
     unknown = [task for task in args.tasks if task not in ofql.TASKS]
     if unknown:
         raise ValueError(f"--tasks {' '.join(unknown)}: not a row of Table 1; the rows: {', '.join(ofql.TASKS)}")
-    if args.batch_seeds and args.script != "ofql_jax.py":
-        raise ValueError("--batch-seeds trains the seeds in one ofql_jax.py --num-seeds run: use --script ofql_jax.py")
     seed_sets = seed_groups(args, True)
     plan = ["| task | data | eta | updates | jobs | H200 hours (est.) |", "|---|---|---|---|---|---|"]
     jobs, missing, total = [], [], 0.0
@@ -607,6 +605,8 @@ def main():
     if args.batch_seeds and args.seeds != list(range(args.seeds[0], args.seeds[0] + len(args.seeds))):
         parser.error(f"--batch-seeds trains seeds s, s + 1, ... in one run: --seeds {' '.join(map(str, args.seeds))} "
                      "are not consecutive")  # fmt: skip
+    if args.batch_seeds and getattr(args, "script", "ofql_jax.py") != "ofql_jax.py":
+        parser.error("--batch-seeds trains the seeds in one ofql_jax.py --num-seeds run: use --script ofql_jax.py")
     grid = {"ablation": "ablation", "eta-sweep": "eta_sweep", "table1": "table1"}[args.command]
     check_engine(args)
     try:  # every dataset checked (and its reference level written) before any job starts
@@ -624,10 +624,6 @@ def main():
         else:
             for dataset in args.datasets:
                 dataset_reference(dataset, os.path.join(args.runs_dir, grid, slug(dataset), "dataset.json"))
-            if args.batch_seeds and args.command == "eta-sweep" and args.script != "ofql_jax.py":
-                raise ValueError(
-                    "--batch-seeds trains seeds in one ofql_jax.py --num-seeds run: use --script ofql_jax.py"
-                )
             jobs = ablation_jobs(args) if args.command == "ablation" else eta_sweep_jobs(args)
     except ValueError as error:
         sys.exit(f"error: {error}" if str(error).startswith("--") else f"error: --datasets: {error}")

@@ -104,6 +104,10 @@ def test_table1_prints_its_plan_and_estimate_and_lists_missing_files_before_anyt
     assert "error: --d4rl-dir" in refused and "1 files missing" in refused and not (tmp_path / "runs").exists()
     unknown = runner("table1", "--tasks", "hopper-medum", cwd=tmp_path, expect=1)
     assert "error: --tasks hopper-medum: not a row of Table 1" in unknown
+    wrong_script = runner(
+        "eta-sweep", "--datasets", "x", "--script", "ofql.py", "--batch-seeds", cwd=tmp_path, expect=2
+    )
+    assert "use --script ofql_jax.py" in wrong_script and not (tmp_path / "runs").exists()
     no_sbatch = runner("eta-sweep", "--datasets", "hopper-medium-v2", "--executor", "slurm", cwd=tmp_path, expect=1)
     assert no_sbatch.splitlines()[-1].startswith("error: --executor slurm: no sbatch here")
 
