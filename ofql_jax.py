@@ -1177,7 +1177,7 @@ if __name__ == "__main__":
         return actions.reshape(-1, action_dim)
 
     diagnose = jax.jit(over_seeds(partial(diagnostics, actor, critic, args), args.num_seeds, (0, 0, None, 0, None)))
-    diagnostics_key = jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]).reshape(*seed_axis, 2)  # apart from key
+    diagnostics_key = jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]).reshape(*seed_axis, 2)  # not a split one
 
     def policy(obs: np.ndarray, active: np.ndarray) -> jax.Array:
         """Actions for (seeds x states, obs_dim) observations, seed by seed, in one call. A seed counts the calls

@@ -125,9 +125,9 @@ def training_command(folder: str, script: str, flags: list[str], env_id: str, se
     return command + flags + shlex.split(args.flags)
 
 
-def seed_groups(args, batched: bool) -> list[list[int]]:
-    """The seeds of each job: all in one with --batch-seeds (where the script is ofql_jax.py), else one each."""
-    return [args.seeds] if batched and args.batch_seeds else [[seed] for seed in args.seeds]
+def seed_groups(args) -> list[list[int]]:
+    """The seeds of each job: all in one with --batch-seeds (ofql_jax.py --num-seeds), else one each."""
+    return [args.seeds] if args.batch_seeds else [[seed] for seed in args.seeds]
 
 
 def ablation_jobs(args) -> list[Job]:
@@ -155,7 +155,7 @@ def ablation_jobs(args) -> list[Job]:
 
 def eta_sweep_jobs(args) -> list[Job]:
     jobs = []
-    for seeds in seed_groups(args, args.script == "ofql_jax.py"):
+    for seeds in seed_groups(args):
         for dataset in args.datasets:
             for eta in args.etas:
                 folder = os.path.join(args.runs_dir, "eta_sweep", slug(dataset), f"eta{eta:g}", seeds_folder(seeds))
@@ -199,7 +199,7 @@ def table1_jobs(args) -> tuple[list[Job], list[str], list[str]]:
     unknown = [task for task in args.tasks if task not in ofql.TASKS]
     if unknown:
         raise ValueError(f"--tasks {' '.join(unknown)}: not a row of Table 1; the rows: {', '.join(ofql.TASKS)}")
-    seed_sets = seed_groups(args, True)
+    seed_sets = seed_groups(args)
     plan = ["| task | data | eta | updates | jobs | H200 hours (est.) |", "|---|---|---|---|---|---|"]
     jobs, missing, total = [], [], 0.0
     for task in args.tasks:
