@@ -289,6 +289,16 @@ def gradient_step(optimizer: torch.optim.Optimizer, module: nn.Module, loss: tor
     optimizer.step()
 
 
+def actor_losses(actor: Actor, critic: Critic, args: Args, obs, actions, swap: bool):
+    """The actor's two losses: DDPM BC (Eq. 6) at sampled t, and -Q / |Q| (Eq. 8), the Q term through all T denoising
+    steps (BPTT)."""
+    t = torch.randint(args.diffusion_steps, (obs.shape[0],), device=obs.device)  # uniform over {0..T-1}
+    bc_loss = diffusion_loss(actor, obs, actions, t, torch.randn_like(actions))
+    q1, q2 = critic(obs, sample_actions(actor, obs))
+    q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other for its scale
+    return bc_loss, -q.mean() / q_scale.abs().mean().detach()
+
+
 def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, next_obs, terminals, swap: bool):
     """One update of critic, actor and target critic: tensors in, detached tensors out, no host synchronisation."""
     actor, critic, critic_target = networks["actor"], networks["critic"], networks["critic_target"]
@@ -306,12 +316,8 @@ def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, 
     critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)
     gradient_step(optimizers["critic_optimizer"], critic, critic_loss, args.grad_norm)
 
-    # actor: DDPM BC (Eq. 6) - eta * Q / |Q| (Eq. 8), the Q term through all T denoising steps (BPTT)
-    t = torch.randint(args.diffusion_steps, (obs.shape[0],), device=obs.device)  # uniform over {0..T-1}
-    bc_loss = diffusion_loss(actor, obs, actions, t, torch.randn_like(actions))
-    q1, q2 = critic(obs, sample_actions(actor, obs))
-    q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other for its scale
-    q_loss = -q.mean() / q_scale.abs().mean().detach()
+    # actor: DDPM BC (Eq. 6) - eta * Q / |Q| (Eq. 8)
+    bc_loss, q_loss = actor_losses(actor, critic, args, obs, actions, swap)
     actor_loss = bc_loss + args.eta * q_loss
     gradient_step(optimizers["actor_optimizer"], actor, actor_loss, args.grad_norm)  # no weight gradients of the critic
 
@@ -337,15 +343,23 @@ def diagnostics(networks: dict, data: dict, args: Args, step: int) -> dict[str, 
     """What the Q term does to the policy, on a batch of its own (drawn with the step as seed: the training RNG is left
     as it was): q_gap, the critic's Q1 of the policy's actions minus Q1 of the data's (above 0: rated above the data;
     growing with eta while the score does not: the policy exploits the critic); action_mse, the squared distance of
-    the policy's actions from the data's at the same states (how far the Q term moves the policy from the data)."""
+    the policy's actions from the data's at the same states (how far the Q term moves the policy from the data);
+    q_grad_ratio, the norm of q_loss's gradient over the actor's weights against bc_loss's (times eta: the Q term's
+    pull beside behaviour cloning's, comparable across the scripts)."""
     actor, critic, device = networks["actor"], networks["critic"], data["obs"].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + step)
         idx = torch.randint(len(data["obs"]), (args.batch_size,), device=device)
         obs, actions = data["obs"][idx], data["actions"][idx]
         policy_actions = sample_actions(actor, obs)
+        with torch.enable_grad():  # each loss's own gradient, returned (the weights' .grad untouched)
+            bc_grads, q_grads = (
+                torch.autograd.grad(loss, list(actor.parameters()))
+                for loss in actor_losses(actor, critic, args, obs, actions, swap=False)
+            )
     q_gap = (critic(obs, policy_actions)[0] - critic(obs, actions)[0]).mean()
-    return dict(q_gap=q_gap, action_mse=F.mse_loss(policy_actions, actions))
+    q_grad_ratio = torch.nn.utils.get_total_norm(q_grads) / torch.nn.utils.get_total_norm(bc_grads)
+    return dict(q_gap=q_gap, action_mse=F.mse_loss(policy_actions, actions), q_grad_ratio=q_grad_ratio)
 
 
 @torch.no_grad()

@@ -127,6 +127,15 @@ class Args:
     p: 1); 0: plain MSE, the paper's"""
     adaptive_c: float = 1e-3
     """the constant c of --adaptive-power's weights"""
+    target_actor: bool = False
+    """the critic's next actions from an EMA copy of the actor (dql.py's, --ema-*), not the current policy; off: the
+    paper's (no target policy)"""
+    ema_decay: float = 0.995
+    """--target-actor: the EMA's decay"""
+    ema_start: int = 1000
+    """--target-actor: the EMA starts at this update (the copy keeps its initial weights until then)"""
+    ema_every: int = 5
+    """--target-actor: the EMA updates every this many updates"""
     time_mu: float = -0.4
     """mean of the logit-normal that t and r are drawn from"""
     time_sigma: float = 1.0
@@ -137,12 +146,12 @@ class Args:
 # a bound may be another flag.
 RANGES = {
     **{flag: "[0, 4294967295]" for flag in ("seed",)},
-    **{flag: "[0, inf)" for flag in ("threads", "checkpoint_freq", "total_steps", "eta", "grad_norm")},
+    **{flag: "[0, inf)" for flag in ("threads", "checkpoint_freq", "total_steps", "eta", "grad_norm", "ema_start")},
     **{flag: "[1, inf)" for flag in ("batch_size", "eval_freq", "eval_episodes", "final_eval_episodes", "log_freq")},
-    **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs")},
+    **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "ema_every")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
     **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]"},
-    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)"},
+    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)", "ema_decay": "[0, 1]"},
     **{"time_mu": "(-inf, inf)"},
 }
 
@@ -281,28 +290,36 @@ def gradient_step(optimizer: torch.optim.Optimizer, module: nn.Module, loss: tor
     optimizer.step()
 
 
+def actor_losses(actor: Actor, critic: Critic, args: Args, obs, actions, swap: bool):
+    """The actor's two losses: MeanFlow BC (Eq. 17) at sampled (t, r), and -Q / |Q| (Eq. 19), the Q term through ONE
+    network call."""
+    t, r = sample_time_pairs(len(obs), args.flow_ratio, args.time_mu, args.time_sigma, obs.device, args.acting_ratio)
+    bc_loss = mean_flow_loss(actor, obs, actions, t, r, torch.randn_like(actions), args.adaptive_power, args.adaptive_c)
+    q1, q2 = critic(obs, sample_actions(actor, obs))
+    q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other for its scale
+    return bc_loss, -q.mean() / q_scale.abs().mean().detach()
+
+
 def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, next_obs, terminals, swap: bool):
     """One update of critic, actor and target critic: tensors in, detached tensors out, no host synchronisation."""
     actor, critic, critic_target = networks["actor"], networks["critic"], networks["critic_target"]
-    # critic: clipped double-Q target with next actions from the CURRENT policy in one step (no target actor)
+    actor_target = networks.get("actor_target", actor)
+    # critic: clipped double-Q target with next actions in one step from the CURRENT policy (the paper: no target
+    # actor), or with --target-actor from the EMA target actor
     with torch.no_grad():
         if args.max_q_backup:  # 10 next actions per s': max per critic, then min over critics
             next_obs_rep = next_obs.repeat_interleave(10, dim=0)
-            next_q1, next_q2 = critic_target(next_obs_rep, sample_actions(actor, next_obs_rep))
+            next_q1, next_q2 = critic_target(next_obs_rep, sample_actions(actor_target, next_obs_rep))
             next_q = torch.min(next_q1.view(-1, 10).amax(1, keepdim=True), next_q2.view(-1, 10).amax(1, keepdim=True))
         else:
-            next_q = critic_target.q_min(next_obs, sample_actions(actor, next_obs))
+            next_q = critic_target.q_min(next_obs, sample_actions(actor_target, next_obs))
         target_q = rewards + (1 - terminals) * args.gamma * next_q
     current_q1, current_q2 = critic(obs, actions)
     critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)
     gradient_step(optimizers["critic_optimizer"], critic, critic_loss, args.grad_norm)
 
-    # actor: MeanFlow BC (Eq. 17) - eta * Q / |Q| (Eq. 19), the Q term through ONE network call
-    t, r = sample_time_pairs(len(obs), args.flow_ratio, args.time_mu, args.time_sigma, obs.device, args.acting_ratio)
-    bc_loss = mean_flow_loss(actor, obs, actions, t, r, torch.randn_like(actions), args.adaptive_power, args.adaptive_c)
-    q1, q2 = critic(obs, sample_actions(actor, obs))
-    q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other for its scale
-    q_loss = -q.mean() / q_scale.abs().mean().detach()
+    # actor: MeanFlow BC (Eq. 17) - eta * Q / |Q| (Eq. 19)
+    bc_loss, q_loss = actor_losses(actor, critic, args, obs, actions, swap)
     actor_loss = bc_loss + args.eta * q_loss
     gradient_step(optimizers["actor_optimizer"], actor, actor_loss, args.grad_norm)  # no weight gradients of the critic
 
@@ -315,6 +332,14 @@ def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, 
     return {name: loss.detach() for name, loss in losses.items()}
 
 
+def update_actor_target(actor_target: Actor | None, actor: Actor, step: int, args: Args):
+    """--target-actor: the EMA target actor (dql.py's) every `ema_every` updates from `ema_start`; until then it keeps
+    its initial weights. Outside `update`: the condition is on the host's step."""
+    if actor_target is not None and step >= args.ema_start and step % args.ema_every == 0:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), 1 - args.ema_decay)
+
+
 @torch.no_grad()
 def diagnostics(networks: dict, data: dict, args: Args, step: int) -> dict[str, torch.Tensor]:
     """What the Q term does to the policy, on a batch of its own (drawn with the step as seed: the training RNG is left
@@ -322,7 +347,8 @@ def diagnostics(networks: dict, data: dict, args: Args, step: int) -> dict[str, 
     growing with eta while the score does not: the policy exploits the critic); action_mse, the squared distance of
     the policy's actions from the data's at the same states (how far the Q term moves the policy from the data);
     acting_bc_loss, the MeanFlow loss (Eq. 17) at the acting pair (r, t) = (0, 1) of one-step sampling (Eq. 18), beside
-    the batch's bc_loss."""
+    the batch's bc_loss; q_grad_ratio, the norm of q_loss's gradient over the actor's weights against bc_loss's (times
+    eta: the Q term's pull beside behaviour cloning's, comparable across the scripts)."""
     actor, critic, device = networks["actor"], networks["critic"], data["obs"].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + step)
@@ -331,8 +357,16 @@ def diagnostics(networks: dict, data: dict, args: Args, step: int) -> dict[str, 
         policy_actions = sample_actions(actor, obs)
         ones = torch.ones(len(obs), device=device)
         acting_bc_loss = mean_flow_loss(actor, obs, actions, ones, 1 - ones, torch.randn_like(actions))
+        with torch.enable_grad():  # each loss's own gradient, returned (the weights' .grad untouched)
+            bc_grads, q_grads = (
+                torch.autograd.grad(loss, list(actor.parameters()))
+                for loss in actor_losses(actor, critic, args, obs, actions, swap=False)
+            )
     q_gap = (critic(obs, policy_actions)[0] - critic(obs, actions)[0]).mean()
-    return dict(q_gap=q_gap, action_mse=F.mse_loss(policy_actions, actions), acting_bc_loss=acting_bc_loss)
+    q_grad_ratio = torch.nn.utils.get_total_norm(q_grads) / torch.nn.utils.get_total_norm(bc_grads)
+    action_mse = F.mse_loss(policy_actions, actions)
+    losses = dict(q_gap=q_gap, action_mse=action_mse, q_grad_ratio=q_grad_ratio)
+    return losses | dict(acting_bc_loss=acting_bc_loss)
 
 
 @torch.no_grad()
@@ -1049,6 +1083,9 @@ if __name__ == "__main__":
     actor_optimizer = adam(actor.parameters(), lr=args.lr)
     critic_optimizer = adam(critic.parameters(), lr=args.critic_lr)
     networks = {"actor": actor, "critic": critic, "critic_target": critic_target}
+    if args.target_actor:  # H2 of issue 19: dql.py's EMA target actor for the critic's next actions
+        networks["actor_target"] = Actor(obs_dim, action_dim, action_space.low, action_space.high).to(device)
+        networks["actor_target"].load_state_dict(actor.state_dict())
     optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
     if saved:  # --resume: networks, optimizers, RNG; --eval-only: networks
         restore(saved, networks, optimizers, resume=bool(args.resume))
@@ -1103,6 +1140,7 @@ if __name__ == "__main__":
             idx = torch.randint(len(data["obs"]), (args.batch_size,), device=device)
             swap = bool(torch.rand(()) < 0.5)  # which critic gives Q: a host coin (CPU generator), no device sync
             losses = train_step(*(data[key][idx] for key in BATCH_KEYS), swap)
+            update_actor_target(networks.get("actor_target"), actor, step, args)
             progress["step"] = step
             if args.compile and swap not in compiled:  # the first call for each coin compiles: timed apart
                 compiled.add(swap)

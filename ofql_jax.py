@@ -133,6 +133,15 @@ class Args:
     p: 1); 0: plain MSE, the paper's"""
     adaptive_c: float = 1e-3
     """the constant c of --adaptive-power's weights"""
+    target_actor: bool = False
+    """the critic's next actions from an EMA copy of the actor (dql.py's, --ema-*), not the current policy; off: the
+    paper's (no target policy)"""
+    ema_decay: float = 0.995
+    """--target-actor: the EMA's decay"""
+    ema_start: int = 1000
+    """--target-actor: the EMA starts at this update (the copy keeps its initial weights until then)"""
+    ema_every: int = 5
+    """--target-actor: the EMA updates every this many updates"""
     time_mu: float = -0.4
     """mean of the logit-normal that t and r are drawn from"""
     time_sigma: float = 1.0
@@ -143,12 +152,12 @@ class Args:
 # a bound may be another flag.
 RANGES = {
     **{flag: "[0, 4294967295]" for flag in ("seed",)},
-    **{flag: "[0, inf)" for flag in ("threads", "checkpoint_freq", "total_steps", "eta", "grad_norm")},
+    **{flag: "[0, inf)" for flag in ("threads", "checkpoint_freq", "total_steps", "eta", "grad_norm", "ema_start")},
     **{flag: "[1, inf)" for flag in ("batch_size", "eval_freq", "eval_episodes", "final_eval_episodes", "log_freq")},
-    **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "updates_per_call", "num_seeds")},
+    **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "updates_per_call", "num_seeds", "ema_every")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
     **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]"},
-    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)"},
+    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)", "ema_decay": "[0, 1]"},
     **{"time_mu": "(-inf, inf)"},
 }
 
@@ -261,6 +270,10 @@ class Critic(nn.Module):
         return jnp.minimum(*self(obs, action))
 
 
+class ActorTrainState(TrainState):
+    target_params: flax.core.FrozenDict | None  # --target-actor's EMA copy; None: no target actor (the paper's)
+
+
 class CriticTrainState(TrainState):
     target_params: flax.core.FrozenDict
 
@@ -314,38 +327,52 @@ def adam(lr: float, grad_norm: float) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(grad_norm) if grad_norm > 0 else optax.identity(), optax.adam(lr))
 
 
+def actor_losses(actor: Actor, critic: Critic, args: Args, params, critic_params, obs, actions, key, swap):
+    """The actor's two losses: MeanFlow BC (Eq. 17) at sampled (t, r), and -Q / |Q| (Eq. 19), the Q term through ONE
+    network call."""
+    key_time, key_noise, key_pi = jax.random.split(key, 3)
+    t, r = sample_time_pairs(key_time, obs.shape[0], args.flow_ratio, args.time_mu, args.time_sigma, args.acting_ratio)
+    noise = jax.random.normal(key_noise, actions.shape)
+    bc_loss = mean_flow_loss(actor, params, obs, actions, t, r, noise, args.adaptive_power, args.adaptive_c)
+    q1, q2 = critic.apply(critic_params, obs, sample_actions(actor, params, obs, key_pi))
+    scale1, scale2 = jax.lax.stop_gradient(jnp.abs(q1).mean()), jax.lax.stop_gradient(jnp.abs(q2).mean())
+    return bc_loss, -jnp.where(swap, q2.mean() / scale1, q1.mean() / scale2)
+
+
 def update(actor: Actor, critic: Critic, args: Args, actor_state, critic_state, batch: tuple, key: jax.Array):
     """One update of critic, actor and target critic: a pure function of the train states, a batch and a key."""
     obs, actions, rewards, next_obs, terminals = batch
-    key_next, key_time, key_noise, key_pi, key_swap = jax.random.split(key, 5)
-    # critic: clipped double-Q target with next actions from the CURRENT policy in one step (no target actor)
+    key_next, key_actor, key_swap = jax.random.split(key, 3)
+    next_params = actor_state.params if actor_state.target_params is None else actor_state.target_params
+    # critic: clipped double-Q target with next actions in one step from the CURRENT policy (the paper: no target
+    # actor), or with --target-actor from the EMA target actor
     if args.max_q_backup:  # 10 next actions per s': max per critic, then min over critics
         next_obs_rep = jnp.repeat(next_obs, 10, axis=0)
-        next_actions = sample_actions(actor, actor_state.params, next_obs_rep, key_next)
+        next_actions = sample_actions(actor, next_params, next_obs_rep, key_next)
         next_qs = critic.apply(critic_state.target_params, next_obs_rep, next_actions)
         next_q = jnp.minimum(*(next_q.reshape(-1, 10).max(1, keepdims=True) for next_q in next_qs))
     else:
-        next_actions = sample_actions(actor, actor_state.params, next_obs, key_next)
+        next_actions = sample_actions(actor, next_params, next_obs, key_next)
         next_q = critic.apply(critic_state.target_params, next_obs, next_actions, method=Critic.q_min)
     target_q = jax.lax.stop_gradient(rewards + (1 - terminals) * args.gamma * next_q)
     critic_loss_fn = partial(td_loss, critic, obs=obs, actions=actions, target_q=target_q)
     (critic_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(critic_state.params)
     critic_state = critic_state.apply_gradients(grads=grads)
 
-    # actor: MeanFlow BC (Eq. 17) - eta * Q / |Q| (Eq. 19), the Q term through ONE network call
-    t, r = sample_time_pairs(key_time, obs.shape[0], args.flow_ratio, args.time_mu, args.time_sigma, args.acting_ratio)
-    noise = jax.random.normal(key_noise, actions.shape)
+    # actor: MeanFlow BC (Eq. 17) - eta * Q / |Q| (Eq. 19)
     swap = jax.random.uniform(key_swap) < 0.5  # a random critic for Q, the other for its scale (no lax.cond)
 
     def actor_loss_fn(params):
-        bc_loss = mean_flow_loss(actor, params, obs, actions, t, r, noise, args.adaptive_power, args.adaptive_c)
-        q1, q2 = critic.apply(critic_state.params, obs, sample_actions(actor, params, obs, key_pi))
-        scale1, scale2 = jax.lax.stop_gradient(jnp.abs(q1).mean()), jax.lax.stop_gradient(jnp.abs(q2).mean())
-        q_loss = -jnp.where(swap, q2.mean() / scale1, q1.mean() / scale2)
+        bc_loss, q_loss = actor_losses(actor, critic, args, params, critic_state.params, obs, actions, key_actor, swap)
         return bc_loss + args.eta * q_loss, (bc_loss, q_loss)
 
     (actor_loss, (bc_loss, q_loss)), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(actor_state.params)
     actor_state = actor_state.apply_gradients(grads=grads)  # no gradient step of the critic
+    if actor_state.target_params is not None:  # the EMA target actor, every `ema_every` updates from `ema_start`
+        ema = (actor_state.step >= args.ema_start) & (actor_state.step % args.ema_every == 0)  # this update's number
+        weight = jnp.where(ema, 1 - args.ema_decay, 0.0)
+        actor_target = optax.incremental_update(actor_state.params, actor_state.target_params, weight)
+        actor_state = actor_state.replace(target_params=actor_target)
 
     # target critic: Polyak averaging
     target_params = optax.incremental_update(critic_state.params, critic_state.target_params, args.tau)
@@ -388,15 +415,21 @@ def diagnostics(actor: Actor, critic: Critic, args: Args, actor_params, critic_p
     data; growing with eta while the score does not: the policy exploits the critic); action_mse, the squared distance
     of the policy's actions from the data's at the same states (how far the Q term moves the policy from the data);
     acting_bc_loss, the MeanFlow loss (Eq. 17) at the acting pair (r, t) = (0, 1) of one-step sampling (Eq. 18), beside
-    the batch's bc_loss."""
-    key_batch, key_pi, key_noise = jax.random.split(jax.random.fold_in(key, step), 3)
+    the batch's bc_loss; q_grad_ratio, the norm of q_loss's gradient over the actor's weights against bc_loss's (times
+    eta: the Q term's pull beside behaviour cloning's, comparable across the scripts)."""
+    key_batch, key_pi, key_noise, key_actor = jax.random.split(jax.random.fold_in(key, step), 4)
     idx = jax.random.randint(key_batch, (args.batch_size,), 0, data["obs"].shape[0])
     obs, actions = data["obs"][idx], data["actions"][idx]
     policy_actions = sample_actions(actor, actor_params, obs, key_pi)
     ones, noise = jnp.ones(obs.shape[0]), jax.random.normal(key_noise, actions.shape)
     acting_bc_loss = mean_flow_loss(actor, actor_params, obs, actions, ones, 1 - ones, noise)
     q_gap = (critic.apply(critic_params, obs, policy_actions)[0] - critic.apply(critic_params, obs, actions)[0]).mean()
-    return dict(q_gap=q_gap, action_mse=jnp.mean((policy_actions - actions) ** 2), acting_bc_loss=acting_bc_loss)
+    both_losses = partial(actor_losses, actor, critic, args, critic_params=critic_params, obs=obs, actions=actions)
+    grads = jax.jacrev(lambda p: jnp.stack(both_losses(p, key=key_actor, swap=False)))(actor_params)  # leaves (2, ...)
+    bc_grad_norm, q_grad_norm = jnp.sqrt(sum(jnp.sum(g.reshape(2, -1) ** 2, 1) for g in jax.tree.leaves(grads)))
+    action_mse = jnp.mean((policy_actions - actions) ** 2)
+    losses = dict(q_gap=q_gap, action_mse=action_mse, q_grad_ratio=q_grad_norm / bc_grad_norm)
+    return losses | dict(acting_bc_loss=acting_bc_loss)
 
 
 def select_actions(actor: Actor, critic: Critic, actor_params, critic_target_params, obs, key, num_candidates: int):
@@ -488,7 +521,8 @@ KITCHEN_MUJOCO = (3, 12)  # FrankaKitchen-v1 fails on mujoco >= 3.12 (a joint-ty
 BATCH_KEYS = ("obs", "actions", "rewards", "next_obs", "terminals")
 SCRIPT, CHECKPOINT, MODEL = os.path.basename(__file__), "checkpoint.msgpack", "model.msgpack"
 NETWORKS, OPTIMIZERS = ("actor", "critic", "critic_target"), ("actor_optimizer", "critic_optimizer")
-LOSSES = ("critic_loss", "bc_loss", "q_loss", "actor_loss", "q_mean", "q_gap", "action_mse", "acting_bc_loss")
+LOSSES = ("critic_loss", "bc_loss", "q_loss", "actor_loss", "q_mean")
+LOSSES += ("q_gap", "action_mse", "q_grad_ratio", "acting_bc_loss")  # the diagnostics, at log steps
 
 
 def strip_version(name: str) -> str:
@@ -974,9 +1008,11 @@ def format_losses(losses: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4g}" for name, value in losses.items()) or "none yet"
 
 
-def named_states(actor_state: TrainState, critic_state: CriticTrainState) -> dict:
-    """The train states by ofql.py's names: NETWORKS' parameters, then OPTIMIZERS' states."""
+def named_states(actor_state: ActorTrainState, critic_state: CriticTrainState) -> dict:
+    """The train states by ofql.py's names: NETWORKS' parameters (and --target-actor's), then OPTIMIZERS' states."""
     networks = {"actor": actor_state.params, "critic": critic_state.params, "critic_target": critic_state.target_params}
+    if actor_state.target_params is not None:
+        networks["actor_target"] = actor_state.target_params
     return networks | {"actor_optimizer": actor_state.opt_state, "critic_optimizer": critic_state.opt_state}
 
 
@@ -1004,7 +1040,7 @@ def restore(saved: dict, actor_state, critic_state, key: jax.Array, resume: bool
     """The networks from a checkpoint or model; when resuming, also the optimizers, the update count and the PRNG
     key. Returns the train states and the key."""
     templates = named_states(actor_state, critic_state)
-    names = NETWORKS + OPTIMIZERS if resume else NETWORKS
+    names = [name for name in templates if resume or name not in OPTIMIZERS]
     try:
         state = {name: flax.serialization.from_state_dict(templates[name], saved[name]) for name in names}
         shapes = [[leaf.shape for leaf in jax.tree.leaves(tree[name])] for tree in (state, templates) for name in names]
@@ -1014,7 +1050,7 @@ def restore(saved: dict, actor_state, critic_state, key: jax.Array, resume: bool
         problem = " ".join(str(error).split())[:200]
         raise SystemExit(f"error: the saved networks do not fit this script and dataset ({problem})") from None
     state = jax.device_put(state)
-    actor_state = actor_state.replace(params=state["actor"])
+    actor_state = actor_state.replace(params=state["actor"], target_params=state.get("actor_target"))
     critic_state = critic_state.replace(params=state["critic"], target_params=state["critic_target"])
     if resume:
         step = saved["progress"]["step"]  # for every seed, in a buffer per state: both are donated
@@ -1122,10 +1158,15 @@ if __name__ == "__main__":
     critic = Critic()
     obs0, actions0, times0 = data["obs"][:1], data["actions"][:1], jnp.zeros(1)
 
-    def train_states(actor_key: jax.Array, critic_key: jax.Array) -> tuple[TrainState, CriticTrainState]:
+    def train_states(actor_key: jax.Array, critic_key: jax.Array) -> tuple[ActorTrainState, CriticTrainState]:
         actor_params = actor.init(actor_key, actions0, times0, times0, obs0)
         critic_params = critic.init(critic_key, obs0, actions0)
-        actor_state = TrainState.create(apply_fn=actor.apply, params=actor_params, tx=adam(args.lr, args.grad_norm))
+        actor_state = ActorTrainState.create(
+            apply_fn=actor.apply,
+            params=actor_params,
+            target_params=jax.tree.map(jnp.copy, actor_params) if args.target_actor else None,  # H2 of issue 19
+            tx=adam(args.lr, args.grad_norm),
+        )
         critic_state = CriticTrainState.create(
             apply_fn=critic.apply,
             params=critic_params,
@@ -1250,7 +1291,9 @@ if __name__ == "__main__":
 
         if args.save_model:
             networks = named_states(actor_state, critic_state)
-            model = {name: flax.serialization.to_state_dict(networks[name]) for name in NETWORKS}
+            model = {
+                name: flax.serialization.to_state_dict(networks[name]) for name in networks if name not in OPTIMIZERS
+            }
             save_atomically(f"{run_dir}/{MODEL}", model | {"args": asdict(args), "script": SCRIPT})
             print(f"model saved to {run_dir}/{MODEL}")
 

@@ -299,14 +299,67 @@ def test_ofql_learns_from_random_pendulum_data_at_dqls_q_weight(pendulum_dataset
 
 
 def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
-    """--acting-ratio and --adaptive-power through the CLI: recorded in summary.json, finite losses and score."""
+    """--acting-ratio, --adaptive-power, --target-actor and its EMA flags through the CLI: recorded in summary.json,
+    finite losses and score, the EMA copy saved with the model (moved away from the actor's initial weights)."""
     summary = run_ofql(
         tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--adaptive-power", "1", "--adaptive-c", "0.01",
+        "--target-actor", "--ema-decay", "0.9", "--ema-start", "5", "--ema-every", "2", "--save-model",
         "--log-freq", "10", "--eval-freq", "20", "--final-eval-episodes", "1", "--max-eval-envs", "1",
     )  # fmt: skip
-    assert (summary["args"]["acting_ratio"], summary["args"]["adaptive_power"], summary["args"]["adaptive_c"]) == (
-        0.25,
-        1.0,
-        0.01,
-    )
+    flags = ("acting_ratio", "adaptive_power", "adaptive_c", "target_actor", "ema_decay", "ema_start", "ema_every")
+    assert [summary["args"][flag] for flag in flags] == [0.25, 1.0, 0.01, True, 0.9, 5, 2]
     assert np.isfinite(summary["normalized_score"])  # and the losses finite: a non-finite one ends the run (exit 1)
+    model = torch.load(summary["run_dir"] / "model.pt")
+    weights = [name for name, _ in ofql.Actor(11, 3, -np.ones(3), np.ones(3)).named_parameters()]  # not the buffers
+    assert set(model["actor_target"]) == set(model["actor"]) > set(weights)
+    assert all(not torch.equal(model["actor_target"][name], model["actor"][name]) for name in weights)
+
+
+def small_networks(target_actor: bool, obs_dim: int = 5, action_dim: int = 2) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    actor, critic = (
+        ofql.Actor(obs_dim, action_dim, -np.ones(action_dim), np.ones(action_dim)),
+        ofql.Critic(obs_dim, action_dim),
+    )
+    networks = {"actor": actor, "critic": critic, "critic_target": copy.deepcopy(critic)}
+    if target_actor:
+        networks["actor_target"] = copy.deepcopy(actor)
+    optimizers = {
+        name: torch.optim.Adam(networks[name[: -len("_optimizer")]].parameters())
+        for name in ("actor_optimizer", "critic_optimizer")
+    }
+    return networks, optimizers
+
+
+def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
+    """--target-actor (H2 of issue 19): the critic's target takes its next actions from the EMA copy (a copy equal to
+    the actor: the same update as without one; another copy: another critic loss, the same BC loss), and the copy
+    moves as dql.py's EMA (not before ema_start, every ema_every updates, by 1 - ema_decay)."""
+    args = ofql.Args(eta=1.0, max_q_backup=False, grad_norm=0.0, target_actor=True, ema_start=4, ema_every=2)
+    batch = (torch.randn(32, 5), torch.rand(32, 2) * 2 - 1, torch.randn(32, 1), torch.randn(32, 5), torch.zeros(32, 1))
+    losses = {}
+    for name, target_actor, perturb in (("without", False, 0.0), ("copy", True, 0.0), ("other", True, 0.5)):
+        networks, optimizers = small_networks(target_actor)
+        if perturb:
+            with torch.no_grad():
+                for p in networks["actor_target"].parameters():
+                    p.add_(perturb * torch.randn_like(p))
+        torch.manual_seed(1)
+        losses[name] = ofql.update(networks, optimizers, args, *batch, swap=False)
+    assert {k: v.item() for k, v in losses["copy"].items()} == {k: v.item() for k, v in losses["without"].items()}
+    assert losses["other"]["critic_loss"] != losses["without"]["critic_loss"]
+    assert losses["other"]["bc_loss"] == losses["without"]["bc_loss"]
+
+    networks, _ = small_networks(True)
+    actor, actor_target = networks["actor"], networks["actor_target"]
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in actor_target.parameters()]
+    for step in (2, 5):  # before ema_start; off the ema_every grid
+        ofql.update_actor_target(actor_target, actor, step, args)
+        assert all(torch.equal(p, q) for p, q in zip(actor_target.parameters(), before, strict=True))
+    ofql.update_actor_target(actor_target, actor, 6, args)
+    for p, q, a in zip(actor_target.parameters(), before, actor.parameters(), strict=True):
+        torch.testing.assert_close(p, args.ema_decay * q + (1 - args.ema_decay) * a)
+    ofql.update_actor_target(None, actor, 6, args)  # no target actor: nothing to do

@@ -483,3 +483,63 @@ def test_benchmark_table_gives_seed_updates_per_second_per_num_seeds():
     assert rows[2].startswith("| ofql_jax.py --num-seeds 1 | 20.0 |") and rows[2].endswith("| 20.0 |")
     assert rows[3].startswith("| ofql_jax.py --num-seeds 5 | 8.0 |") and rows[3].endswith("| 40.0 |")
     assert "seed-updates/s" not in benchmark.table({"ofql_jax": [run | {"updates_per_second": 20.0}]})  # as before
+
+
+def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
+    """--target-actor in ofql_jax.py: the EMA copy in the actor's train state gives the critic's next actions (a copy
+    equal to the actor: the same update as without one; another copy: another critic loss) and moves as ofql.py's
+    update_actor_target (not before ema_start, every ema_every updates, by 1 - ema_decay)."""
+    args = ofql_jax.Args(eta=1.0, max_q_backup=False, grad_norm=0.0, lr=3e-4, ema_start=2, ema_every=2)
+    actor, critic = ofql_jax.Actor(2, (-1.0, -1.0), (1.0, 1.0)), ofql_jax.Critic()
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    obs, actions = jax.random.normal(keys[0], (32, 5)), jax.random.uniform(keys[1], (32, 2), minval=-1, maxval=1)
+    batch = (obs, actions, jax.random.normal(keys[2], (32, 1)), jax.random.normal(keys[3], (32, 5)), jnp.zeros((32, 1)))
+    actor_params = actor.init(keys[4], actions, jnp.zeros(32), jnp.zeros(32), obs)
+    critic_params = critic.init(keys[5], obs, actions)
+    critic_state = ofql_jax.CriticTrainState.create(
+        apply_fn=critic.apply, params=critic_params, target_params=critic_params, tx=ofql_jax.adam(3e-4, 0.0)
+    )
+
+    def actor_state(target_params):
+        return ofql_jax.ActorTrainState.create(
+            apply_fn=actor.apply, params=actor_params, target_params=target_params, tx=ofql_jax.adam(3e-4, 0.0)
+        )
+
+    other = jax.tree.map(lambda p: p + 0.5 * jax.random.normal(keys[6], p.shape), actor_params)
+    losses = {}
+    for name, target_params in (("without", None), ("copy", actor_params), ("other", other)):
+        losses[name] = ofql_jax.update(actor, critic, args, actor_state(target_params), critic_state, batch, keys[7])[2]
+    assert jax.tree.map(float, losses["copy"]) == jax.tree.map(float, losses["without"])
+    assert float(losses["other"]["critic_loss"]) != float(losses["without"]["critic_loss"])
+
+    state, targets = actor_state(other), []
+    for _ in range(3):  # updates 1, 2, 3: only update 2 moves the copy (ema_start 2, ema_every 2)
+        previous = state
+        state = ofql_jax.update(actor, critic, args, state, critic_state, batch, keys[7])[0]
+        targets.append((previous, state))
+    for number, (previous, state) in enumerate(targets, start=1):
+        expected = (
+            jax.tree.map(
+                lambda old, new: args.ema_decay * old + (1 - args.ema_decay) * new, previous.target_params, state.params
+            )
+            if number == 2
+            else previous.target_params
+        )
+        for got, want in zip(jax.tree.leaves(state.target_params), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
+    """ofql.py's issue-19 flags in ofql_jax.py's CLI, two seeds: recorded, finite, the EMA copy saved with the model."""
+    summary = run_ofql_jax(
+        tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--adaptive-power", "1", "--adaptive-c", "0.01",
+        "--target-actor", "--ema-decay", "0.9", "--ema-start", "5", "--ema-every", "2", "--save-model",
+        "--num-seeds", "2", "--log-freq", "10", "--updates-per-call", "10", "--eval-freq", "20",
+        "--final-eval-episodes", "1", "--max-eval-envs", "1",
+    )  # fmt: skip
+    flags = ("acting_ratio", "adaptive_power", "adaptive_c", "target_actor", "ema_decay", "ema_start", "ema_every")
+    assert [summary["args"][flag] for flag in flags] == [0.25, 1.0, 0.01, True, 0.9, 5, 2]
+    assert np.isfinite(summary["normalized_score"])
+    model = ofql_jax.load_saved(str(summary["run_dir"] / "model.msgpack"), "--checkpoint")
+    pairs = list(zip(jax.tree.leaves(model["actor_target"]), jax.tree.leaves(model["actor"]), strict=True))
+    assert pairs and all(target.shape[0] == 2 and not np.array_equal(target, p) for target, p in pairs)

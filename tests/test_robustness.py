@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 SCRIPTS = ["ofql", "dql", "fql", "ofql_jax"]
 TORCH_SCRIPTS = ["ofql", "dql", "fql"]
-LOSSES = ("critic_loss", "bc_loss", "q_loss", "actor_loss", "q_mean", "q_gap", "action_mse")  # every script logs
+LOSSES = ("critic_loss", "bc_loss", "q_loss", "actor_loss", "q_mean", "q_gap", "action_mse", "q_grad_ratio")  # all log
 QUICK = ("--no-cuda", "--threads", "1", "--eval-freq", "100000", "--final-eval-episodes", "1", "--max-eval-envs", "1")
 
 
@@ -564,3 +564,33 @@ def test_a_model_of_other_shapes_fails_with_one_line(script, minari_path, tmp_pa
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: the saved networks do not fit this script")
     assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+@pytest.mark.parametrize("script", TORCH_SCRIPTS)
+def test_q_grad_ratio_is_the_norm_of_q_losss_gradient_against_bc_losss(script):
+    """losses/q_grad_ratio: the actor's two losses (actor_losses, as the update takes them) on the diagnostics' own
+    batch, the norm of each one's gradient over the actor's weights, q_loss's over bc_loss's; the weights' .grad and
+    the training's RNG untouched."""
+    m = module(script)
+    args = m.Args(eta=1.0, batch_size=64)
+    torch.manual_seed(0)
+    actor, critic = m.Actor(5, 2, -np.ones(2), np.ones(2)), m.Critic(5, 2)
+    data = {"obs": torch.randn(200, 5), "actions": torch.rand(200, 2) * 2 - 1}
+    rng = torch.get_rng_state()
+    ratio = m.diagnostics({"actor": actor, "critic": critic}, data, args, step=7)["q_grad_ratio"]
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in actor.parameters())
+
+    torch.manual_seed(args.seed + 7)  # the diagnostics' batch, then what they draw before the two losses
+    idx = torch.randint(200, (64,))
+    obs, actions = data["obs"][idx], data["actions"][idx]
+    with torch.no_grad():
+        m.sample_actions(actor, obs, *([args.flow_steps] if script == "fql" else []))
+        if script == "ofql":
+            torch.randn_like(actions)  # the acting pair's noise
+    norms = []
+    for loss in m.actor_losses(actor, critic, args, obs, actions, swap=False):
+        actor.zero_grad()
+        loss.backward(inputs=list(actor.parameters()))
+        norms.append(torch.sqrt(sum((p.grad**2).sum() for p in actor.parameters())))
+    torch.testing.assert_close(ratio, norms[1] / norms[0])
+    assert 0 < ratio < 100
