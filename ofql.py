@@ -18,6 +18,7 @@ Choices the paper leaves open (docs/ofql.md): eta per task (ours, see TASKS); ra
 the time embeddings, as in MeanFlow; the BC loss averages over action dimensions, as DQL's does.
 """
 
+import copy
 import difflib
 import json
 import math
@@ -122,6 +123,11 @@ class Args:
     acting_ratio: float = 0.0
     """fraction of each batch (its end, before flow_ratio's) at (r, t) = (0, 1), where one-step sampling acts (Eq. 18);
     0: the paper's"""
+    zero_r_ratio: float = 0.0
+    """fraction of each batch (before acting_ratio's) with r = 0 and t from the sampler: intervals that end at the data,
+    as one-step sampling's does; 0: the paper's"""
+    interval_conditioning: bool = False
+    """the second time embedding takes the interval t - r (MeanFlow's official code), not r; off: the paper's (t, r)"""
     adaptive_power: float = 0.0
     """MeanFlow's adaptive loss weighting: each pair's BC error weighted by the stopped 1 / (error + c)^p (MeanFlow's
     p: 1); 0: plain MSE, the paper's"""
@@ -150,7 +156,7 @@ RANGES = {
     **{flag: "[1, inf)" for flag in ("batch_size", "eval_freq", "eval_episodes", "final_eval_episodes", "log_freq")},
     **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "ema_every")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
-    **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]"},
+    **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]", "zero_r_ratio": "[0, 1]"},
     **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)", "ema_decay": "[0, 1]"},
     **{"time_mu": "(-inf, inf)"},
 }
@@ -200,10 +206,11 @@ def time_mlp(t_dim: int = 16) -> nn.Sequential:
 
 
 class Actor(nn.Module):
-    """Average velocity u(a_t, r, t; s): DQL's MLP with a second time embedding, for r."""
+    """Average velocity u(a_t, r, t; s): DQL's MLP with a second time embedding, for r (interval: for t - r)."""
 
-    def __init__(self, obs_dim: int, action_dim: int, action_low, action_high, hidden_dim: int = 256, t_dim: int = 16):
+    def __init__(self, obs_dim, action_dim, action_low, action_high, interval=False, hidden_dim=256, t_dim=16):
         super().__init__()
+        self.interval = interval
         self.t_mlp = time_mlp(t_dim)
         self.r_mlp = time_mlp(t_dim)
         self.mid_layer = nn.Sequential(
@@ -216,16 +223,20 @@ class Actor(nn.Module):
         self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32))
 
     def forward(self, a_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([a_t, self.t_mlp(t), self.r_mlp(r), obs], dim=-1)
+        x = torch.cat([a_t, self.t_mlp(t), self.r_mlp(t - r if self.interval else r), obs], dim=-1)
         return self.final_layer(self.mid_layer(x))
 
     def jvp(self, a_t, r, t, obs, v) -> tuple[torch.Tensor, torch.Tensor]:
         """u(a_t, r, t; s) and du/dt = v . d_a u + d_t u, the derivative along the tangent (v, 0, 1) (Eq. 16): what
         torch.func.jvp(self, (a_t, r, t, obs), (v, 0, 1, 0)) gives, from one pass with u's gradient kept."""
         t_emb, t_emb_dot = forward_and_tangent(self.t_mlp, t, torch.ones_like(t))
-        r_emb = self.r_mlp(r)
+        if self.interval:  # d(t - r)/dt = 1
+            r_emb, r_emb_dot = forward_and_tangent(self.r_mlp, t - r, torch.ones_like(t))
+        else:
+            r_emb = self.r_mlp(r)
+            r_emb_dot = torch.zeros_like(r_emb)
         x = torch.cat([a_t, t_emb, r_emb, obs], dim=-1)
-        x_dot = torch.cat([v, t_emb_dot, torch.zeros_like(r_emb), torch.zeros_like(obs)], dim=-1)
+        x_dot = torch.cat([v, t_emb_dot, r_emb_dot, torch.zeros_like(obs)], dim=-1)
         return forward_and_tangent([*self.mid_layer, self.final_layer], x, x_dot)
 
 
@@ -260,13 +271,17 @@ def sample_actions(actor: Actor, obs: torch.Tensor) -> torch.Tensor:
     return (noise - actor(noise, zeros, ones, obs)).clamp(actor.action_low, actor.action_high)
 
 
-def sample_time_pairs(batch_size: int, flow_ratio: float, mu: float, sigma: float, device, acting_ratio: float = 0.0):
-    """(t, r) from a logit-normal, ordered so that r <= t; r = t for the first `flow_ratio` of the batch, and
-    (r, t) = (0, 1), the pair one-step actions are drawn with (Eq. 18), for the last `acting_ratio` (which wins)."""
+def sample_time_pairs(
+    batch_size: int, flow_ratio: float, mu: float, sigma: float, device, acting_ratio=0.0, zero_r_ratio=0.0
+):
+    """(t, r) from a logit-normal, ordered so that r <= t; r = t for the first `flow_ratio` of the batch, (r, t) =
+    (0, 1), the pair one-step actions are drawn with (Eq. 18), for the last `acting_ratio`, and r = 0 for the
+    `zero_r_ratio` before them (the later shares win)."""
     t, r = torch.sigmoid(torch.randn(2, batch_size, device=device) * sigma + mu).sort(dim=0, descending=True).values
     index = torch.arange(batch_size, device=device)
     equal, acting = index < round(flow_ratio * batch_size), index >= batch_size - round(acting_ratio * batch_size)
-    return torch.where(acting, 1.0, t), torch.where(acting, 0.0, torch.where(equal, t, r))
+    zero_r = index >= batch_size - round((acting_ratio + zero_r_ratio) * batch_size)
+    return torch.where(acting, 1.0, t), torch.where(zero_r, 0.0, torch.where(equal, t, r))
 
 
 def mean_flow_loss(actor: Actor, obs, actions, t, r, noise, power: float = 0.0, c: float = 1e-3) -> torch.Tensor:
@@ -293,7 +308,9 @@ def gradient_step(optimizer: torch.optim.Optimizer, module: nn.Module, loss: tor
 def actor_losses(actor: Actor, critic: Critic, args: Args, obs, actions, swap: bool):
     """The actor's two losses: MeanFlow BC (Eq. 17) at sampled (t, r), and -Q / |Q| (Eq. 19), the Q term through ONE
     network call."""
-    t, r = sample_time_pairs(len(obs), args.flow_ratio, args.time_mu, args.time_sigma, obs.device, args.acting_ratio)
+    t, r = sample_time_pairs(
+        len(obs), args.flow_ratio, args.time_mu, args.time_sigma, obs.device, args.acting_ratio, args.zero_r_ratio
+    )
     bc_loss = mean_flow_loss(actor, obs, actions, t, r, torch.randn_like(actions), args.adaptive_power, args.adaptive_c)
     q1, q2 = critic(obs, sample_actions(actor, obs))
     q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other for its scale
@@ -586,6 +603,7 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
             check_continues(args.resume, saved["progress"]["step"], args.total_steps)
         elif args.eval_only and args.checkpoint:
             saved = load_saved(args.checkpoint, "--checkpoint")
+            args = replace(args, interval_conditioning=saved["args"].get("interval_conditioning", False))  # its actor
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
         args, task_line = task_defaults(args)
         check_args(args)
@@ -1074,7 +1092,7 @@ if __name__ == "__main__":
     obs_dim, action_dim = data["obs"].shape[1], data["actions"].shape[1]
     print(f"{dataset_id}: {len(data['obs']):,} transitions, obs_dim {obs_dim}, action_dim {action_dim}, {device}")
 
-    actor = Actor(obs_dim, action_dim, action_space.low, action_space.high).to(device)
+    actor = Actor(obs_dim, action_dim, action_space.low, action_space.high, args.interval_conditioning).to(device)
     critic = Critic(obs_dim, action_dim).to(device)
     critic_target = Critic(obs_dim, action_dim).to(device)
     critic_target.load_state_dict(critic.state_dict())
@@ -1084,8 +1102,7 @@ if __name__ == "__main__":
     critic_optimizer = adam(critic.parameters(), lr=args.critic_lr)
     networks = {"actor": actor, "critic": critic, "critic_target": critic_target}
     if args.target_actor:  # H2 of issue 19: dql.py's EMA target actor for the critic's next actions
-        networks["actor_target"] = Actor(obs_dim, action_dim, action_space.low, action_space.high).to(device)
-        networks["actor_target"].load_state_dict(actor.state_dict())
+        networks["actor_target"] = copy.deepcopy(actor)
     optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
     if saved:  # --resume: networks, optimizers, RNG; --eval-only: networks
         restore(saved, networks, optimizers, resume=bool(args.resume))

@@ -128,6 +128,11 @@ class Args:
     acting_ratio: float = 0.0
     """fraction of each batch (its end, before flow_ratio's) at (r, t) = (0, 1), where one-step sampling acts (Eq. 18);
     0: the paper's"""
+    zero_r_ratio: float = 0.0
+    """fraction of each batch (before acting_ratio's) with r = 0 and t from the sampler: intervals that end at the data,
+    as one-step sampling's does; 0: the paper's"""
+    interval_conditioning: bool = False
+    """the second time embedding takes the interval t - r (MeanFlow's official code), not r; off: the paper's (t, r)"""
     adaptive_power: float = 0.0
     """MeanFlow's adaptive loss weighting: each pair's BC error weighted by the stopped 1 / (error + c)^p (MeanFlow's
     p: 1); 0: plain MSE, the paper's"""
@@ -156,7 +161,7 @@ RANGES = {
     **{flag: "[1, inf)" for flag in ("batch_size", "eval_freq", "eval_episodes", "final_eval_episodes", "log_freq")},
     **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "updates_per_call", "num_seeds", "ema_every")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
-    **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]"},
+    **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]", "zero_r_ratio": "[0, 1]"},
     **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)", "ema_decay": "[0, 1]"},
     **{"time_mu": "(-inf, inf)"},
 }
@@ -223,11 +228,12 @@ def time_mlp(t_dim: int = 16) -> nn.Sequential:
 
 
 class Actor(nn.Module):
-    """Average velocity u(a_t, r, t; s): DQL's MLP with a second time embedding, for r."""
+    """Average velocity u(a_t, r, t; s): DQL's MLP with a second time embedding, for r (interval: for t - r)."""
 
     action_dim: int
     action_low: tuple[float, ...]
     action_high: tuple[float, ...]
+    interval: bool = False
     hidden_dim: int = 256
     t_dim: int = 16
 
@@ -242,7 +248,7 @@ class Actor(nn.Module):
         self.final_layer = Linear(self.action_dim)
 
     def __call__(self, a_t: jax.Array, r: jax.Array, t: jax.Array, obs: jax.Array) -> jax.Array:
-        x = jnp.concatenate([a_t, self.t_mlp(t), self.r_mlp(r), obs], axis=-1)
+        x = jnp.concatenate([a_t, self.t_mlp(t), self.r_mlp(t - r if self.interval else r), obs], axis=-1)
         return self.final_layer(self.mid_layer(x))
 
 
@@ -286,14 +292,18 @@ def sample_actions(actor: Actor, params, obs: jax.Array, key: jax.Array) -> jax.
     return jnp.clip(noise - actor.apply(params, noise, zeros, ones, obs), low, high)
 
 
-def sample_time_pairs(key, batch_size: int, flow_ratio: float, mu: float, sigma: float, acting_ratio: float = 0.0):
-    """(t, r) from a logit-normal, ordered so that r <= t; r = t for the first `flow_ratio` of the batch, and
-    (r, t) = (0, 1), the pair one-step actions are drawn with (Eq. 18), for the last `acting_ratio` (which wins)."""
+def sample_time_pairs(
+    key, batch_size: int, flow_ratio: float, mu: float, sigma: float, acting_ratio=0.0, zero_r_ratio=0.0
+):
+    """(t, r) from a logit-normal, ordered so that r <= t; r = t for the first `flow_ratio` of the batch, (r, t) =
+    (0, 1), the pair one-step actions are drawn with (Eq. 18), for the last `acting_ratio`, and r = 0 for the
+    `zero_r_ratio` before them (the later shares win)."""
     pair = jax.nn.sigmoid(jax.random.normal(key, (2, batch_size)) * sigma + mu)
     t, r = pair.max(axis=0), pair.min(axis=0)
     index = jnp.arange(batch_size)
     equal, acting = index < round(flow_ratio * batch_size), index >= batch_size - round(acting_ratio * batch_size)
-    return jnp.where(acting, 1.0, t), jnp.where(acting, 0.0, jnp.where(equal, t, r))
+    zero_r = index >= batch_size - round((acting_ratio + zero_r_ratio) * batch_size)
+    return jnp.where(acting, 1.0, t), jnp.where(zero_r, 0.0, jnp.where(equal, t, r))
 
 
 def mean_flow_target(actor: Actor, params, a_t, r, t, obs, v) -> jax.Array:
@@ -331,7 +341,9 @@ def actor_losses(actor: Actor, critic: Critic, args: Args, params, critic_params
     """The actor's two losses: MeanFlow BC (Eq. 17) at sampled (t, r), and -Q / |Q| (Eq. 19), the Q term through ONE
     network call."""
     key_time, key_noise, key_pi = jax.random.split(key, 3)
-    t, r = sample_time_pairs(key_time, obs.shape[0], args.flow_ratio, args.time_mu, args.time_sigma, args.acting_ratio)
+    t, r = sample_time_pairs(
+        key_time, obs.shape[0], args.flow_ratio, args.time_mu, args.time_sigma, args.acting_ratio, args.zero_r_ratio
+    )
     noise = jax.random.normal(key_noise, actions.shape)
     bc_loss = mean_flow_loss(actor, params, obs, actions, t, r, noise, args.adaptive_power, args.adaptive_c)
     q1, q2 = critic.apply(critic_params, obs, sample_actions(actor, params, obs, key_pi))
@@ -602,7 +614,10 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
                 raise ValueError(f"--num-seeds {args.num_seeds}: the run trains {run_seeds} seeds")
         elif args.eval_only and args.checkpoint:
             saved = load_saved(args.checkpoint, "--checkpoint")
-            args = replace(args, num_seeds=saved["args"].get("num_seeds", 1))  # every seed of the model
+            model_args = {"num_seeds": 1, "interval_conditioning": False} | saved["args"]  # older models lack them
+            args = replace(
+                args, num_seeds=model_args["num_seeds"], interval_conditioning=model_args["interval_conditioning"]
+            )
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
         args, task_line = task_defaults(args)
         check_args(args)
@@ -1154,7 +1169,8 @@ if __name__ == "__main__":
     if args.num_seeds > 1:
         print(f"seeds {seeds[0]}-{seeds[-1]}: {args.num_seeds} train states in one vmapped program, the data shared")
 
-    actor = Actor(action_dim, tuple(action_space.low.tolist()), tuple(action_space.high.tolist()))
+    action_bounds = tuple(action_space.low.tolist()), tuple(action_space.high.tolist())
+    actor = Actor(action_dim, *action_bounds, args.interval_conditioning)
     critic = Critic()
     obs0, actions0, times0 = data["obs"][:1], data["actions"][:1], jnp.zeros(1)
 

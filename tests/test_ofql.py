@@ -87,11 +87,13 @@ def with_torch_mish(actor: ofql.Actor) -> ofql.Actor:
     return reference
 
 
-def test_actor_jvp_matches_finite_differences_and_torch_func():
+@pytest.mark.parametrize("interval", [False, True])
+def test_actor_jvp_matches_finite_differences_and_torch_func(interval):
     """actor.jvp: u as actor() gives it, with gradient, and du/dt = v . d_a u + d_t u (Eq. 16) without, against a
-    central difference in float64 and against torch.func.jvp (forward AD, which the hand-written pass replaces)."""
+    central difference in float64 and against torch.func.jvp (forward AD, which the hand-written pass replaces); also
+    with --interval-conditioning, where the second embedding's input t - r moves with t."""
     torch.manual_seed(0)
-    actor = ofql.Actor(5, 3, -np.ones(3), np.ones(3)).double()
+    actor = ofql.Actor(5, 3, -np.ones(3), np.ones(3), interval=interval).double()
     a_t, v, obs = (
         torch.randn(8, 3, dtype=torch.float64),
         torch.randn(8, 3, dtype=torch.float64),
@@ -157,6 +159,28 @@ def test_acting_ratio_puts_the_batchs_end_at_the_acting_pair():
     assert (r[:500] == t[:500]).all() and ((0 < r[:750]) & (r[:750] <= t[:750]) & (t[:750] < 1)).all()
     t, r = ofql.sample_time_pairs(10, 1.0, -0.4, 1.0, torch.device("cpu"), acting_ratio=0.3)  # the acting pairs win
     assert (r[:7] == t[:7]).all() and (t[7:] == 1).all() and (r[7:] == 0).all()
+
+
+def test_zero_r_ratio_puts_r_at_zero_before_the_acting_pairs():
+    """--zero-r-ratio (H1 of issue 19): r = 0 with t from the sampler on its share, just before the acting pairs."""
+    t, r = ofql.sample_time_pairs(1000, 0.5, -0.4, 1.0, torch.device("cpu"), acting_ratio=0.25, zero_r_ratio=0.1)
+    assert (t[750:] == 1).all() and (r[750:] == 0).all()
+    assert (r[650:750] == 0).all() and ((0 < t[650:750]) & (t[650:750] < 1)).all() and t[650:750].std() > 0.1
+    assert (r[:500] == t[:500]).all() and ((0 < r[:650]) & (r[:650] <= t[:650]) & (t[:650] < 1)).all()
+    t, r = ofql.sample_time_pairs(10, 0.5, -0.4, 1.0, torch.device("cpu"), zero_r_ratio=0.8)  # r = 0 wins over r = t
+    assert (r[:2] == t[:2]).all() and (r[2:] == 0).all() and (t[2:] < 1).all()
+
+
+def test_interval_conditioning_embeds_t_minus_r():
+    """--interval-conditioning: the actor's second time embedding takes t - r (MeanFlow's code) instead of r."""
+    torch.manual_seed(0)
+    actor = ofql.Actor(5, 3, -np.ones(3), np.ones(3))
+    interval = copy.deepcopy(actor)
+    interval.interval = True
+    a_t, obs, t = torch.randn(8, 3), torch.randn(8, 5), torch.rand(8)
+    r = t * torch.rand(8)
+    assert torch.equal(interval(a_t, r, t, obs), actor(a_t, t - r, t, obs))
+    assert not torch.allclose(interval(a_t, r, t, obs), actor(a_t, r, t, obs))
 
 
 def test_one_step_actions_are_bounded_and_differentiable():
@@ -299,20 +323,27 @@ def test_ofql_learns_from_random_pendulum_data_at_dqls_q_weight(pendulum_dataset
 
 
 def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
-    """--acting-ratio, --adaptive-power, --target-actor and its EMA flags through the CLI: recorded in summary.json,
-    finite losses and score, the EMA copy saved with the model (moved away from the actor's initial weights)."""
+    """--acting-ratio, --zero-r-ratio, --interval-conditioning, --adaptive-power, --target-actor and its EMA flags
+    through the CLI: recorded in summary.json, finite losses and score, the EMA copy saved with the model (moved away
+    from the actor's initial weights); --eval-only builds the model's actor, with its conditioning."""
     summary = run_ofql(
-        tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--adaptive-power", "1", "--adaptive-c", "0.01",
-        "--target-actor", "--ema-decay", "0.9", "--ema-start", "5", "--ema-every", "2", "--save-model",
-        "--log-freq", "10", "--eval-freq", "20", "--final-eval-episodes", "1", "--max-eval-envs", "1",
+        tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--zero-r-ratio", "0.25", "--interval-conditioning",
+        "--adaptive-power", "1", "--adaptive-c", "0.01", "--target-actor", "--ema-decay", "0.9", "--ema-start", "5",
+        "--ema-every", "2", "--save-model", "--log-freq", "10", "--eval-freq", "20", "--final-eval-episodes", "1",
+        "--max-eval-envs", "1",
     )  # fmt: skip
-    flags = ("acting_ratio", "adaptive_power", "adaptive_c", "target_actor", "ema_decay", "ema_start", "ema_every")
-    assert [summary["args"][flag] for flag in flags] == [0.25, 1.0, 0.01, True, 0.9, 5, 2]
+    flags = ("acting_ratio", "zero_r_ratio", "interval_conditioning", "adaptive_power", "adaptive_c", "target_actor")
+    flags += ("ema_decay", "ema_start", "ema_every")
+    assert [summary["args"][flag] for flag in flags] == [0.25, 0.25, True, 1.0, 0.01, True, 0.9, 5, 2]
     assert np.isfinite(summary["normalized_score"])  # and the losses finite: a non-finite one ends the run (exit 1)
     model = torch.load(summary["run_dir"] / "model.pt")
     weights = [name for name, _ in ofql.Actor(11, 3, -np.ones(3), np.ones(3)).named_parameters()]  # not the buffers
     assert set(model["actor_target"]) == set(model["actor"]) > set(weights)
     assert all(not torch.equal(model["actor_target"][name], model["actor"][name]) for name in weights)
+    evaluation = run_ofql(
+        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.pt"), "--final-eval-episodes", "1"
+    )
+    assert evaluation["args"]["interval_conditioning"] and np.isfinite(evaluation["normalized_score"])
 
 
 def small_networks(target_actor: bool, obs_dim: int = 5, action_dim: int = 2) -> tuple[dict, dict]:

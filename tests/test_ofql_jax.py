@@ -127,6 +127,23 @@ def test_acting_ratio_puts_the_batchs_end_at_the_acting_pair():
     assert (r[:500] == t[:500]).all() and ((0 < r[:750]) & (r[:750] <= t[:750]) & (t[:750] < 1)).all()
 
 
+def test_interval_conditioning_embeds_t_minus_r():
+    actor, obs, a_t = ofql_jax.Actor(3, (-1.0,) * 3, (1.0,) * 3), jnp.ones((8, 5)), jnp.zeros((8, 3))
+    t = jax.random.uniform(jax.random.PRNGKey(1), (8,))
+    r = t * jax.random.uniform(jax.random.PRNGKey(2), (8,))
+    params = actor.init(jax.random.PRNGKey(0), a_t, r, t, obs)
+    interval = actor.clone(interval=True).apply(params, a_t, r, t, obs)
+    np.testing.assert_array_equal(interval, actor.apply(params, a_t, t - r, t, obs))
+    assert not np.allclose(interval, actor.apply(params, a_t, r, t, obs))
+
+
+def test_zero_r_ratio_puts_r_at_zero_before_the_acting_pairs():
+    t, r = ofql_jax.sample_time_pairs(jax.random.PRNGKey(0), 1000, 0.5, -0.4, 1.0, acting_ratio=0.25, zero_r_ratio=0.1)
+    assert (t[750:] == 1).all() and (r[750:] == 0).all()
+    assert (r[650:750] == 0).all() and ((0 < t[650:750]) & (t[650:750] < 1)).all() and t[650:750].std() > 0.1
+    assert (r[:500] == t[:500]).all() and ((0 < r[:650]) & (r[:650] <= t[:650]) & (t[:650] < 1)).all()
+
+
 def test_losses_and_actions_agree_with_ofql(monkeypatch):
     """The same weights, batch, (t, r) and noise in ofql.py (torch) and ofql_jax.py: losses, gradients and actions agree."""
     obs_dim, action_dim, batch = 11, 3, 64
@@ -140,7 +157,7 @@ def test_losses_and_actions_agree_with_ofql(monkeypatch):
     )
     obs, actions, target_q = torch.randn(batch, obs_dim), torch.rand(batch, action_dim) * 2 - 1, torch.randn(batch, 1)
     noise = torch.randn(batch, action_dim)
-    t, r = ofql.sample_time_pairs(batch, 0.5, -0.4, 1.0, torch.device("cpu"), acting_ratio=0.25)
+    t, r = ofql.sample_time_pairs(batch, 0.5, -0.4, 1.0, torch.device("cpu"), acting_ratio=0.25, zero_r_ratio=0.1)
     j = {
         name: jnp.asarray(x.numpy())
         for name, x in dict(obs=obs, actions=actions, target_q=target_q, noise=noise, t=t, r=r).items()
@@ -168,6 +185,22 @@ def test_losses_and_actions_agree_with_ofql(monkeypatch):
             strict=True,
         ):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+    # --interval-conditioning (t - r into the second time embedding, its JVP included): the same loss in both, and not
+    # the loss with r (the embedding's output layer scaled up, so that it matters in an untrained actor)
+    torch_interval = ofql.Actor(obs_dim, action_dim, low, high, interval=True)
+    torch_interval.load_state_dict(torch_actor.state_dict())
+    with torch.no_grad():
+        torch_interval.r_mlp[-1].weight.mul_(30.0)
+    interval_loss = ofql.mean_flow_loss(torch_interval, obs, actions, t, r, noise)
+    jax_interval_loss = ofql_jax.mean_flow_loss(
+        actor.clone(interval=True),
+        torch_to_flax(torch_interval.named_parameters()),
+        *(j[k] for k in "obs actions t r noise".split()),
+    )
+    np.testing.assert_allclose(jax_interval_loss, interval_loss.item(), rtol=1e-5, atol=1e-5)
+    torch_interval.interval = False
+    assert abs(interval_loss.item() - ofql.mean_flow_loss(torch_interval, obs, actions, t, r, noise).item()) > 1e-3
 
     # critic loss for a given target, as ofql.py's update computes it
     q1, q2 = torch_critic(obs, actions)
@@ -532,14 +565,19 @@ def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
 def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
     """ofql.py's issue-19 flags in ofql_jax.py's CLI, two seeds: recorded, finite, the EMA copy saved with the model."""
     summary = run_ofql_jax(
-        tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--adaptive-power", "1", "--adaptive-c", "0.01",
-        "--target-actor", "--ema-decay", "0.9", "--ema-start", "5", "--ema-every", "2", "--save-model",
-        "--num-seeds", "2", "--log-freq", "10", "--updates-per-call", "10", "--eval-freq", "20",
-        "--final-eval-episodes", "1", "--max-eval-envs", "1",
+        tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--zero-r-ratio", "0.25", "--interval-conditioning",
+        "--adaptive-power", "1", "--adaptive-c", "0.01", "--target-actor", "--ema-decay", "0.9", "--ema-start", "5",
+        "--ema-every", "2", "--save-model", "--num-seeds", "2", "--log-freq", "10", "--updates-per-call", "10",
+        "--eval-freq", "20", "--final-eval-episodes", "1", "--max-eval-envs", "1",
     )  # fmt: skip
-    flags = ("acting_ratio", "adaptive_power", "adaptive_c", "target_actor", "ema_decay", "ema_start", "ema_every")
-    assert [summary["args"][flag] for flag in flags] == [0.25, 1.0, 0.01, True, 0.9, 5, 2]
+    flags = ("acting_ratio", "zero_r_ratio", "interval_conditioning", "adaptive_power", "adaptive_c", "target_actor")
+    flags += ("ema_decay", "ema_start", "ema_every")
+    assert [summary["args"][flag] for flag in flags] == [0.25, 0.25, True, 1.0, 0.01, True, 0.9, 5, 2]
     assert np.isfinite(summary["normalized_score"])
     model = ofql_jax.load_saved(str(summary["run_dir"] / "model.msgpack"), "--checkpoint")
     pairs = list(zip(jax.tree.leaves(model["actor_target"]), jax.tree.leaves(model["actor"]), strict=True))
     assert pairs and all(target.shape[0] == 2 and not np.array_equal(target, p) for target, p in pairs)
+    evaluation = run_ofql_jax(
+        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.msgpack"), "--final-eval-episodes", "1"
+    )
+    assert evaluation["args"]["interval_conditioning"] and evaluation["args"]["num_seeds"] == 2

@@ -227,6 +227,7 @@ OUT_OF_RANGE = {
     "tau": "0",
     "flow_ratio": "1.5",
     "acting_ratio": "-0.5",
+    "zero_r_ratio": "1.5",
     "adaptive_power": "-1",
     "adaptive_c": "0",
     "time_mu": "inf",
