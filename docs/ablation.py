@@ -1,15 +1,15 @@
 """The paper's ablation (Table 2), an eta sweep and Table 1, by command: train and evaluate every run, then rebuild the
 figures and tables from the run folders alone.
 
-`ablation` trains DQL (5 steps), FQL (5 steps), OFQL (1 step) and OFQL with --eta 0 (MeanFlow behaviour cloning
-alone) with the same budget on every dataset and seed, then evaluates the paper's one-step variants of the trained
-5-step models at inference only: DQL + DDIM (1) and FQL (1) (`--eval-only` on the run's model.pt). `eta-sweep` trains
-OFQL (ofql_jax.py) over an eta grid; `table1` OFQL on every row of the paper's Table 1 (TASKS), printing its plan, its
-estimated GPU-hours and the D4RL files missing before anything starts. Each job is a script run through its own CLI
-in its own folder (<runs-dir>/<grid>/<dataset>/<method>/seed<k>/, or seeds<a>-<b>/ for one ofql_jax.py --num-seeds
-run of them all with --batch-seeds), submitted through submitit: --executor local runs --jobs at a time here,
---executor slurm submits them with sbatch. Runs checkpoint every --eval-freq updates: run the same command again after
-an interruption and it skips finished runs and resumes the others from their checkpoints. `report` reads the run
+`ablation` trains DQL (5 steps), FQL (5 steps), OFQL (1 step), and OFQL and DQL with --eta 0 (each one's behaviour
+cloning alone) with the same budget on every dataset and seed, then evaluates the paper's one-step variants of the
+trained 5-step models at inference only: DQL + DDIM (1) and FQL (1) (`--eval-only` on the run's model.pt). `eta-sweep`
+trains OFQL (ofql_jax.py) over an eta grid; `table1` OFQL on every row of the paper's Table 1 (TASKS), printing its
+plan, its estimated GPU-hours and the D4RL files missing before anything starts. Each job is a script run through its
+own CLI in its own folder (<runs-dir>/<grid>/<dataset>/<method>/seed<k>/, or seeds<a>-<b>/ for one ofql_jax.py
+--num-seeds run of them all with --batch-seeds), submitted through submitit: --executor local runs --jobs at a time
+here, --executor slurm submits them with sbatch. Runs checkpoint every --eval-freq updates: run the same command again
+after an interruption and it skips finished runs and resumes the others from their checkpoints. `report` reads the run
 folders and writes, per dataset, a figure of learning curves (mean +- std across seeds) and a markdown table of final
 (--final-eval-episodes, 150 by default) and best scores, mean +- std across seeds; for the sweep, one figure of score
 against eta; for table1, table1.md.
@@ -51,6 +51,7 @@ TRAINED = {
     "fql": ("fql.py", [], "FQL (5)"),
     "ofql": ("ofql.py", [], "OFQL (1)"),
     "ofql-eta0": ("ofql.py", ["--eta", "0"], "OFQL, eta 0 (BC only)"),
+    "dql-eta0": ("dql.py", ["--eta", "0"], "DQL, eta 0 (BC only)"),
 }
 ONE_STEP = {
     "dql-ddim1": ("dql", ["--eval-sampler", "ddim", "--eval-steps", "1"], "DQL + DDIM (1)"),

@@ -42,7 +42,7 @@ def ablation(*args: str, cwd) -> subprocess.CompletedProcess:
 
 
 def test_ablation_trains_every_method_skips_finished_runs_goes_on_and_reports(minari_path, tmp_path):
-    """docs/ablation.py on a tiny budget: the six Table 2 rows for one dataset and seed; a second call starts nothing;
+    """docs/ablation.py on a tiny budget: the Table 2 rows and both BC controls for one dataset and seed; a second call starts nothing;
     a larger --total-steps resumes the trained runs from their checkpoints and re-evaluates the one-step variants;
     report writes the figure and a table with every row and the dataset's mean return."""
     pytest.importorskip("matplotlib")
@@ -50,9 +50,9 @@ def test_ablation_trains_every_method_skips_finished_runs_goes_on_and_reports(mi
     grid = ("ablation", "--datasets", HOPPER_DATASET_ID, "--seeds", "1", "--eval-freq", "10", "--jobs", "2")
     grid += ("--runs-dir", "runs", f"--flags={flags}")
     first = ablation(*grid, "--total-steps", "20", cwd=tmp_path)
-    assert "0 of 6 runs done" in first and "6 of 6 runs done" in first and "FAILED" not in first
+    assert "0 of 7 runs done" in first and "7 of 7 runs done" in first and "FAILED" not in first
     again = ablation(*grid, "--total-steps", "20", cwd=tmp_path)
-    assert "6 of 6 runs done; 0 to go" in again and "start" not in again
+    assert "7 of 7 runs done; 0 to go" in again and "start" not in again
     longer = ablation(*grid, "--total-steps", "30", "--methods", "ofql", "dql", "dql-ddim1", cwd=tmp_path)
     assert "0 of 3 runs done" in longer and "3 of 3 runs done" in longer
     data = tmp_path / "runs" / "ablation" / HOPPER_DATASET_ID.replace("/", "_")
@@ -63,7 +63,15 @@ def test_ablation_trains_every_method_skips_finished_runs_goes_on_and_reports(mi
     png = tmp_path / f"ablation_{data.name}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = dict(re.findall(r"^\| ([^|]+?) \| (-?[\d.]+)(?: \+- [\d.]+)? \|", report, re.MULTILINE))
-    labels = ["DQL (5)", "FQL (5)", "OFQL (1)", "OFQL, eta 0 (BC only)", "DQL + DDIM (1)", "FQL (1)"]
+    labels = [
+        "DQL (5)",
+        "FQL (5)",
+        "OFQL (1)",
+        "OFQL, eta 0 (BC only)",
+        "DQL, eta 0 (BC only)",
+        "DQL + DDIM (1)",
+        "FQL (1)",
+    ]
     assert set(rows) == {*labels, "dataset mean return"}, report
     assert all(math.isfinite(float(score)) for score in rows.values())
 
