@@ -77,6 +77,19 @@ def create_dataset(dataset_id: str, episodes: list[EpisodeBuffer], spec: gym.env
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory) -> Path:
+    """The `ofql_jax.py` runs the tests start compile the same XLA programs again and again: a persistent compilation
+    cache, inherited by them, saves most of each run's start-up. One per test process (each xdist worker its own: no
+    run reads an entry another is writing); JAX keys an entry by the program, its flags and the versions, so a hit is
+    the executable the compiler would make."""
+    path = tmp_path_factory.mktemp("jax_cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the evaluation's small programs too
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    return path
+
+
 @pytest.fixture(scope="session")
 def minari_path(tmp_path_factory) -> Path:
     """A fresh MINARI_DATASETS_PATH (inherited by the scripts the tests start) holding a Hopper-v5 dataset."""
