@@ -323,18 +323,19 @@ def test_ofql_learns_from_random_pendulum_data_at_dqls_q_weight(pendulum_dataset
 
 
 def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
-    """--acting-ratio, --zero-r-ratio, --interval-conditioning, --adaptive-power, --target-actor and its EMA flags
-    through the CLI: recorded in summary.json, finite losses and score, the EMA copy saved with the model (moved away
-    from the actor's initial weights); --eval-only builds the model's actor, with its conditioning."""
+    """--acting-ratio, --zero-r-ratio, --interval-conditioning, --adaptive-power, --target-actor and its EMA flags,
+    --max-q-backup True through the CLI: recorded in summary.json, finite losses and score, the EMA copy saved with the
+    model (moved away from the actor's initial weights); --eval-only builds the model's actor, with its conditioning."""
     summary = run_ofql(
         tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--zero-r-ratio", "0.25", "--interval-conditioning",
         "--adaptive-power", "1", "--adaptive-c", "0.01", "--target-actor", "--ema-decay", "0.9", "--ema-start", "5",
-        "--ema-every", "2", "--save-model", "--log-freq", "10", "--eval-freq", "20", "--final-eval-episodes", "1",
+        "--ema-every", "2", "--max-q-backup", "True",
+        "--save-model", "--log-freq", "10", "--eval-freq", "20", "--final-eval-episodes", "1",
         "--max-eval-envs", "1",
     )  # fmt: skip
     flags = ("acting_ratio", "zero_r_ratio", "interval_conditioning", "adaptive_power", "adaptive_c", "target_actor")
-    flags += ("ema_decay", "ema_start", "ema_every")
-    assert [summary["args"][flag] for flag in flags] == [0.25, 0.25, True, 1.0, 0.01, True, 0.9, 5, 2]
+    flags += ("ema_decay", "ema_start", "ema_every", "max_q_backup")
+    assert [summary["args"][flag] for flag in flags] == [0.25, 0.25, True, 1.0, 0.01, True, 0.9, 5, 2, True]
     assert np.isfinite(summary["normalized_score"])  # and the losses finite: a non-finite one ends the run (exit 1)
     model = torch.load(summary["run_dir"] / "model.pt")
     weights = [name for name, _ in ofql.Actor(11, 3, -np.ones(3), np.ones(3)).named_parameters()]  # not the buffers

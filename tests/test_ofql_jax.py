@@ -567,12 +567,13 @@ def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
     summary = run_ofql_jax(
         tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--zero-r-ratio", "0.25", "--interval-conditioning",
         "--adaptive-power", "1", "--adaptive-c", "0.01", "--target-actor", "--ema-decay", "0.9", "--ema-start", "5",
-        "--ema-every", "2", "--save-model", "--num-seeds", "2", "--log-freq", "10", "--updates-per-call", "10",
+        "--ema-every", "2", "--max-q-backup", "True",
+        "--save-model", "--num-seeds", "2", "--log-freq", "10", "--updates-per-call", "10",
         "--eval-freq", "20", "--final-eval-episodes", "1", "--max-eval-envs", "1",
     )  # fmt: skip
     flags = ("acting_ratio", "zero_r_ratio", "interval_conditioning", "adaptive_power", "adaptive_c", "target_actor")
-    flags += ("ema_decay", "ema_start", "ema_every")
-    assert [summary["args"][flag] for flag in flags] == [0.25, 0.25, True, 1.0, 0.01, True, 0.9, 5, 2]
+    flags += ("ema_decay", "ema_start", "ema_every", "max_q_backup")
+    assert [summary["args"][flag] for flag in flags] == [0.25, 0.25, True, 1.0, 0.01, True, 0.9, 5, 2, True]
     assert np.isfinite(summary["normalized_score"])
     model = ofql_jax.load_saved(str(summary["run_dir"] / "model.msgpack"), "--checkpoint")
     pairs = list(zip(jax.tree.leaves(model["actor_target"]), jax.tree.leaves(model["actor"]), strict=True))
