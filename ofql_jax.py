@@ -703,6 +703,20 @@ def check_writable(run_dir: str):
                          "can write to (or fix its permissions)")  # fmt: skip
 
 
+def claim_run_folder(run_dir: str) -> str:
+    """Make a new run's folder. Runs started in the same second under one name (a shell loop of `&` jobs over etas)
+    would share it and overwrite each other's checkpoints: a later one takes `{run_dir}-2` (then -3, ...) instead.
+    `os.makedirs` fails on a folder that exists, so two processes cannot both take one."""
+    suffix = 1
+    while True:
+        folder = run_dir if suffix == 1 else f"{run_dir}-{suffix}"
+        try:
+            os.makedirs(folder)
+            return folder
+        except FileExistsError:
+            suffix += 1
+
+
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
     """The local copy under MINARI_DATASETS_PATH; else, for medium-expert, medium and expert combined (and kept
     locally); else a download from the Minari remote."""
@@ -1206,6 +1220,7 @@ if __name__ == "__main__":
         args.total_steps = 0
 
     # logging: only now that the data loaded, so that a failed start leaves no run folder behind
+    run_dir = run_dir if args.resume else claim_run_folder(run_dir)
     writer = start_logging(args, run_dir, progress)
     if args.resume:
         keep_final_summary(run_dir)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import gymnasium as gym
 import minari
@@ -288,6 +289,25 @@ def test_a_bad_flag_leaves_no_traceback_and_no_run_folder(script, minari_path, t
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1500:]
     assert result.stderr.strip().splitlines() == ["error: --batch-size 0: out of range, must be in [1, inf)"]
     assert result.stdout == "" and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_started_in_the_same_second_under_the_same_name_takes_a_folder_of_its_own(script, minari_path, tmp_path):
+    """As if a shell loop's `&` jobs had started the same run a moment before: a new run takes the name's `-2`."""
+    claim = module(script).claim_run_folder
+    name = str(tmp_path / "claims" / "run")
+    assert [claim(name) for _ in range(3)] == [name, f"{name}-2", f"{name}-3"] and os.path.isdir(f"{name}-3")
+    now = int(time.time())
+    taken = [
+        tmp_path / "runs" / f"{HOPPER_DATASET_ID.replace('/', '_')}__{script}__1__{t}" for t in range(now, now + 60)
+    ]
+    for folder in taken:
+        folder.mkdir(parents=True)
+    result = run(script, tmp_path, "--env-id", HOPPER_DATASET_ID, "--total-steps", "2", "--log-freq", "1", *QUICK)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (summary,) = (tmp_path / "runs").glob("*/summary.json")
+    assert summary.parent.name.endswith("-2") and summary.parent.name.removesuffix("-2") in {f.name for f in taken}
+    assert not any(any(folder.iterdir()) for folder in taken)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
