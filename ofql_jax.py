@@ -877,6 +877,8 @@ def start_logging(args: Args, run_dir: str, progress: dict) -> SummaryWriter:
                 resume="allow",
             )
         except wandb.Error as error:  # no API key, no network
+            if not args.resume:  # a failed start leaves no run folder behind: the new one is still empty
+                os.removedirs(run_dir)
             problem = " ".join(str(error).split())[:200]
             raise SystemExit(f"error: --track: wandb could not start ({problem}); `wandb login`, or WANDB_MODE=offline "
                              "to log locally (`wandb sync` later)") from None  # fmt: skip
