@@ -78,8 +78,10 @@ def swing_up_episodes(num_episodes: int, seed: int) -> list[EpisodeBuffer]:
             cos, sin, speed = obs
             energy = 0.5 * speed**2 + 15 * cos  # theta'' = 15 sin(theta) + 3 u: 15 at rest upright
             if cos > 0.85:
-                return -0.3 * (10 * np.arctan2(sin, cos) + 2 * speed) + 0.3 * rng.standard_normal(1)
-            return 2.0 * np.sign(speed * (15 - energy) + 1e-6) + 0.3 * rng.standard_normal(1)
+                torque = -0.3 * (10 * np.arctan2(sin, cos) + 2 * speed)
+            else:
+                torque = 2.0 * np.sign(speed * (15 - energy) + 1e-6)
+            return torque + 0.3 * rng.standard_normal(1)
 
         return act
 
