@@ -96,6 +96,8 @@ class Args:
     """episodes of the final evaluation (the paper: 50 envs x 3 episodes)"""
     num_candidates: int = 50
     """candidate actions per state at evaluation, one picked by softmax over min-Q (1: plain sampling)"""
+    eval_noise_scale: float = 1.0
+    """the evaluation's one-step noise eps ~ N(0, scale^2 I) (1: the paper's Eq. 18; training always draws N(0, I))"""
     max_eval_envs: int = 50
     """at most this many evaluation envs step together"""
     log_freq: int = 1000
@@ -157,7 +159,7 @@ RANGES = {
     **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "ema_every")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
     **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]", "zero_r_ratio": "[0, 1]"},
-    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)", "ema_decay": "[0, 1]"},
+    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)", "ema_decay": "[0, 1]", "eval_noise_scale": "[0, inf)"},
     **{"time_mu": "(-inf, inf)"},
 }
 
@@ -264,9 +266,9 @@ class Critic(nn.Module):
         return torch.min(*self(obs, action))
 
 
-def sample_actions(actor: Actor, obs: torch.Tensor) -> torch.Tensor:
+def sample_actions(actor: Actor, obs: torch.Tensor, noise_scale: float = 1.0) -> torch.Tensor:
     """One-step action a = eps - u(eps, r=0, t=1; s) (Eq. 18), clipped to the action bounds; differentiable."""
-    noise = torch.randn(obs.shape[0], actor.action_low.shape[0], device=obs.device)
+    noise = noise_scale * torch.randn(obs.shape[0], actor.action_low.shape[0], device=obs.device)
     zeros, ones = torch.zeros(obs.shape[0], device=obs.device), torch.ones(obs.shape[0], device=obs.device)
     return (noise - actor(noise, zeros, ones, obs)).clamp(actor.action_low, actor.action_high)
 
@@ -387,11 +389,13 @@ def diagnostics(networks: dict, data: dict, args: Args, step: int) -> dict[str, 
 
 
 @torch.no_grad()
-def select_actions(actor: Actor, critic_target: Critic, obs: torch.Tensor, num_candidates: int) -> torch.Tensor:
+def select_actions(
+    actor: Actor, critic_target: Critic, obs: torch.Tensor, num_candidates: int, noise_scale: float
+) -> torch.Tensor:
     """Evaluation policy: `num_candidates` actions per state, one drawn from softmax over the target critic's min-Q."""
     n = obs.shape[0]
     obs_rep = obs.repeat_interleave(num_candidates, dim=0)  # (n * c, obs_dim)
-    actions = sample_actions(actor, obs_rep).view(n, num_candidates, -1)
+    actions = sample_actions(actor, obs_rep, noise_scale).view(n, num_candidates, -1)
     q = critic_target.q_min(obs_rep, actions.flatten(0, 1)).view(n, num_candidates)
     probs = F.softmax(q, dim=-1)
     pick = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)  # torch.multinomial's draw, no host sync
@@ -1139,6 +1143,7 @@ if __name__ == "__main__":
 
     train_step = partial(update, networks, optimizers, args)
     policy = partial(select_actions, actor, critic_target, num_candidates=args.num_candidates)
+    policy = partial(policy, noise_scale=args.eval_noise_scale)
     if args.compile:
         import torch._inductor.config
 

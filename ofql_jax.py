@@ -101,6 +101,8 @@ class Args:
     """episodes of the final evaluation (the paper: 50 envs x 3 episodes)"""
     num_candidates: int = 50
     """candidate actions per state at evaluation, one picked by softmax over min-Q (1: plain sampling)"""
+    eval_noise_scale: float = 1.0
+    """the evaluation's one-step noise eps ~ N(0, scale^2 I) (1: the paper's Eq. 18; training always draws N(0, I))"""
     max_eval_envs: int = 50
     """at most this many evaluation envs step together"""
     log_freq: int = 1000
@@ -162,7 +164,7 @@ RANGES = {
     **{flag: "[1, inf)" for flag in ("num_candidates", "max_eval_envs", "updates_per_call", "num_seeds", "ema_every")},
     **{flag: "(0, inf)" for flag in ("lr", "critic_lr", "time_sigma")},
     **{"gamma": "[0, 1]", "tau": "(0, 1]", "flow_ratio": "[0, 1]", "acting_ratio": "[0, 1]", "zero_r_ratio": "[0, 1]"},
-    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)", "ema_decay": "[0, 1]"},
+    **{"adaptive_power": "[0, inf)", "adaptive_c": "(0, inf)", "ema_decay": "[0, 1]", "eval_noise_scale": "[0, inf)"},
     **{"time_mu": "(-inf, inf)"},
 }
 
@@ -284,9 +286,9 @@ class CriticTrainState(TrainState):
     target_params: flax.core.FrozenDict
 
 
-def sample_actions(actor: Actor, params, obs: jax.Array, key: jax.Array) -> jax.Array:
+def sample_actions(actor: Actor, params, obs: jax.Array, key: jax.Array, noise_scale: float = 1.0) -> jax.Array:
     """One-step action a = eps - u(eps, r=0, t=1; s) (Eq. 18), clipped to the action bounds; differentiable."""
-    noise = jax.random.normal(key, (obs.shape[0], actor.action_dim))
+    noise = noise_scale * jax.random.normal(key, (obs.shape[0], actor.action_dim))
     zeros, ones = jnp.zeros(obs.shape[0]), jnp.ones(obs.shape[0])
     low, high = jnp.array(actor.action_low), jnp.array(actor.action_high)
     return jnp.clip(noise - actor.apply(params, noise, zeros, ones, obs), low, high)
@@ -444,12 +446,14 @@ def diagnostics(actor: Actor, critic: Critic, args: Args, actor_params, critic_p
     return losses | dict(acting_bc_loss=acting_bc_loss)
 
 
-def select_actions(actor: Actor, critic: Critic, actor_params, critic_target_params, obs, key, num_candidates: int):
+def select_actions(
+    actor: Actor, critic: Critic, actor_params, critic_target_params, obs, key, num_candidates: int, noise_scale: float
+):
     """Evaluation policy: `num_candidates` actions per state, one drawn from softmax over the target critic's min-Q."""
     n = obs.shape[0]
     key_actions, key_pick = jax.random.split(key)
     obs_rep = jnp.repeat(obs, num_candidates, axis=0)  # (n * c, obs_dim)
-    actions = sample_actions(actor, actor_params, obs_rep, key_actions).reshape(n, num_candidates, -1)
+    actions = sample_actions(actor, actor_params, obs_rep, key_actions, noise_scale).reshape(n, num_candidates, -1)
     q = critic.apply(critic_target_params, obs_rep, actions.reshape(n * num_candidates, -1), method=Critic.q_min)
     pick = jax.random.categorical(key_pick, q.reshape(n, num_candidates), axis=-1)  # (n,): a draw from softmax(q)
     return actions[jnp.arange(n), pick]
@@ -1240,7 +1244,9 @@ if __name__ == "__main__":
 
     def seed_policy(actor_params, critic_target_params, eval_key: jax.Array, call, obs: jax.Array) -> jax.Array:
         key = jax.random.fold_in(eval_key, call)  # a fresh key per call, no host-side split
-        return select_actions(actor, critic, actor_params, critic_target_params, obs, key, args.num_candidates)
+        return select_actions(
+            actor, critic, actor_params, critic_target_params, obs, key, args.num_candidates, args.eval_noise_scale
+        )
 
     @jax.jit
     def policy_step(actor_params, critic_target_params, eval_key, calls, obs_by_seed) -> jax.Array:

@@ -190,8 +190,18 @@ def test_one_step_actions_are_bounded_and_differentiable():
     assert actions.shape == (64, 2)
     assert (actions[:, 0].abs() <= 1).all() and (actions[:, 1].abs() <= 0.5).all()
     critic = ofql.Critic(4, 2)
-    selected = ofql.select_actions(actor, critic, torch.randn(7, 4), num_candidates=5)
+    selected = ofql.select_actions(actor, critic, torch.randn(7, 4), num_candidates=5, noise_scale=1.0)
     assert selected.shape == (7, 2)
+    # --eval-noise-scale s: eps ~ N(0, s^2 I) into the same one-step map; at 0 every candidate is the same action
+    obs = torch.randn(64, 4)
+    torch.manual_seed(0)
+    noise = 2.0 * torch.randn(64, 2)
+    zeros = torch.zeros(64)
+    expected = (noise - actor(noise, zeros, zeros + 1, obs)).clamp(actor.action_low, actor.action_high)
+    torch.manual_seed(0)
+    torch.testing.assert_close(ofql.sample_actions(actor, obs, noise_scale=2.0), expected)
+    candidates = ofql.sample_actions(actor, obs[:1].expand(5, 4), noise_scale=0.0)
+    assert torch.equal(candidates, candidates[:1].expand(5, 2)) and not torch.equal(expected[:1], candidates[:1])
     actor.final_layer.bias.data.zero_()
     critic(torch.randn(64, 4), ofql.sample_actions(actor, torch.randn(64, 4)))[0].sum().backward()
     assert actor.final_layer.weight.grad.abs().sum() > 0
@@ -337,7 +347,8 @@ def test_ofql_learns_at_a_q_weight_where_the_papers_pairs_collapse(pendulum_data
 def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
     """--acting-ratio, --zero-r-ratio, --interval-conditioning, --adaptive-power, --target-actor and its EMA flags,
     --max-q-backup True through the CLI: recorded in summary.json, finite losses and score, the EMA copy saved with the
-    model (moved away from the actor's initial weights); --eval-only builds the model's actor, with its conditioning."""
+    model (moved away from the actor's initial weights); --eval-only builds the model's actor, with its conditioning,
+    and samples with --eval-noise-scale."""
     summary = run_ofql(
         tmp_path, "--total-steps", "20", "--acting-ratio", "0.25", "--zero-r-ratio", "0.25", "--interval-conditioning",
         "--adaptive-power", "1", "--adaptive-c", "0.01", "--target-actor", "--ema-decay", "0.9", "--ema-start", "5",
@@ -354,9 +365,11 @@ def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
     assert set(model["actor_target"]) == set(model["actor"]) > set(weights)
     assert all(not torch.equal(model["actor_target"][name], model["actor"][name]) for name in weights)
     evaluation = run_ofql(
-        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.pt"), "--final-eval-episodes", "1"
-    )
+        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.pt"), "--final-eval-episodes", "1",
+        "--eval-noise-scale", "1.5",
+    )  # fmt: skip
     assert evaluation["args"]["interval_conditioning"] and np.isfinite(evaluation["normalized_score"])
+    assert summary["args"]["eval_noise_scale"] == 1.0 and evaluation["args"]["eval_noise_scale"] == 1.5
 
 
 def small_networks(target_actor: bool, obs_dim: int = 5, action_dim: int = 2) -> tuple[dict, dict]:

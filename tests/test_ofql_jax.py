@@ -211,13 +211,14 @@ def test_losses_and_actions_agree_with_ofql(monkeypatch):
 
     # one-step actions (Eq. 18), bounds included: ofql.py's randn made to return the noise JAX draws from the same key
     key = jax.random.PRNGKey(1)
-    jax_actions = ofql_jax.sample_actions(actor, actor_params, j["obs"], key)
     jax_noise = torch.tensor(np.asarray(jax.random.normal(key, (batch, action_dim))))
     monkeypatch.setattr(torch, "randn", lambda *shape, **kwargs: jax_noise)
-    with torch.no_grad():
-        torch_actions = ofql.sample_actions(torch_actor, obs)
-    np.testing.assert_allclose(jax_actions, torch_actions.numpy(), rtol=1e-5, atol=1e-5)
-    assert (np.abs(np.asarray(jax_actions)) <= high).all()
+    for noise_scale in (1.0, 2.5):  # the paper's N(0, I), and a wider one (--eval-noise-scale)
+        jax_actions = ofql_jax.sample_actions(actor, actor_params, j["obs"], key, noise_scale)
+        with torch.no_grad():
+            torch_actions = ofql.sample_actions(torch_actor, obs, noise_scale)
+        np.testing.assert_allclose(jax_actions, torch_actions.numpy(), rtol=1e-5, atol=1e-5)
+        assert (np.abs(np.asarray(jax_actions)) <= high).all()
 
 
 SUMMARY_KEYS = (
@@ -579,6 +580,8 @@ def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
     pairs = list(zip(jax.tree.leaves(model["actor_target"]), jax.tree.leaves(model["actor"]), strict=True))
     assert pairs and all(target.shape[0] == 2 and not np.array_equal(target, p) for target, p in pairs)
     evaluation = run_ofql_jax(
-        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.msgpack"), "--final-eval-episodes", "1"
-    )
+        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.msgpack"), "--final-eval-episodes", "1",
+        "--eval-noise-scale", "1.5",
+    )  # fmt: skip
     assert evaluation["args"]["interval_conditioning"] and evaluation["args"]["num_seeds"] == 2
+    assert summary["args"]["eval_noise_scale"] == 1.0 and evaluation["args"]["eval_noise_scale"] == 1.5

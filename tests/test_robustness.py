@@ -236,6 +236,7 @@ OUT_OF_RANGE = {
     "diffusion_steps": "0",
     "flow_steps": "0",
     "eval_steps": "0",
+    "eval_noise_scale": "-0.5",
     "ema_decay": "1.5",
     "ema_start": "-1",
     "ema_every": "0",
