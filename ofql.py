@@ -1221,6 +1221,7 @@ if __name__ == "__main__":
         sys.exit(128 + interrupted.signum)
     writer.add_scalar("charts/decision_hz", decision_hz, args.total_steps)
     final = dict(normalized_score=float(scores.mean()), normalized_score_std=float(scores.std()))
+    final |= dict(episode_normalized_scores=scores.tolist())  # each episode's: a rare failure shows here
     final |= dict(return_mean=float(scores.mean() / 100 * (ref_max - ref_min) + ref_min), eval_episodes=len(scores))
     summary = write_summary(run_dir, progress, args, dataset_id, device, **final, decision_hz=decision_hz)
     stop["phase"] = "done"

@@ -1350,6 +1350,7 @@ if __name__ == "__main__":
     writer.add_scalar("charts/decision_hz", decision_hz, args.total_steps)
     pooled = scores.reshape(-1)  # every episode of every seed
     final = dict(normalized_score=float(pooled.mean()), normalized_score_std=float(pooled.std()))
+    final |= dict(episode_normalized_scores=pooled.tolist())  # each episode's, seed by seed: a rare failure shows here
     final |= dict(return_mean=float(pooled.mean() / 100 * (ref_max - ref_min) + ref_min), eval_episodes=len(scores[0]))
     final |= dict(decision_hz=decision_hz, updates_per_call=updates_per_call, **seed_results(progress, seeds, scores))
     summary = write_summary(run_dir, progress, args, dataset_id, device, **final)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import HOPPER_DATASET_ID, ROOT
 
@@ -117,6 +118,9 @@ def test_end_to_end_run_and_one_step_evaluation(minari_path, tmp_path):
         assert key in summary, key
     assert summary["algorithm"] == "fql" and summary["total_steps"] == 200 and summary["eval_episodes"] == 2
     assert summary["eval_steps"] == 5 and "eval_sampler" not in summary
+    episodes = np.array(summary["episode_normalized_scores"])  # each final episode's score, their mean the score
+    assert len(episodes) == 2 and episodes.mean() == pytest.approx(summary["normalized_score"])
+    assert episodes.std() == pytest.approx(summary["normalized_score_std"])
     assert [step for step, _ in summary["evaluations"]] == [100, 200]
     assert summary["args"]["eta"] == 1.0 and summary["args"]["flow_steps"] == 5  # DQL's hopper-medium row
     assert summary["updates_per_second"] > 0 and summary["decision_hz"] > 0 and "update 200/200" in summary["stdout"]

@@ -285,6 +285,9 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
         summary["algorithm"] == "ofql" and summary["dataset_id"] == HOPPER_DATASET_ID and summary["total_steps"] == 300
     )
     assert summary["eval_episodes"] == 2 and summary["device"] == "cpu"
+    episodes = np.array(summary["episode_normalized_scores"])  # each final episode's score, their mean the score
+    assert len(episodes) == 2 and episodes.mean() == pytest.approx(summary["normalized_score"])
+    assert episodes.std() == pytest.approx(summary["normalized_score_std"])
     assert [step for step, _ in summary["evaluations"]] == [150, 300]
     assert (
         summary["normalized_score"] == summary["evaluations"][-1][1]

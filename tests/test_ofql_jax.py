@@ -272,6 +272,9 @@ def test_end_to_end_run_writes_summary_and_model(full_run, tmp_path):
         and summary["total_steps"] == 300
     )
     assert summary["eval_episodes"] == 2 and summary["device"] == "cpu"
+    episodes = np.array(summary["episode_normalized_scores"])  # each final episode's score, their mean the score
+    assert len(episodes) == 2 and episodes.mean() == pytest.approx(summary["normalized_score"])
+    assert episodes.std() == pytest.approx(summary["normalized_score_std"])
     assert summary["updates_per_call"] == 50  # 50 divides 100, 150 and 300: kept
     assert [step for step, _ in summary["evaluations"]] == [150, 300]
     assert (
@@ -439,6 +442,8 @@ def test_seeds_in_one_run_follow_their_single_runs(seeds_run, tmp_path):
     seed_scores = np.array(summary["seed_normalized_scores"])
     assert summary["seed_normalized_score_mean"] == pytest.approx(seed_scores.mean()) == summary["normalized_score"]
     assert summary["seed_normalized_score_std"] == pytest.approx(seed_scores.std())
+    episodes = np.array(summary["episode_normalized_scores"]).reshape(2, 2)  # seed by seed
+    np.testing.assert_allclose(episodes.mean(axis=1), seed_scores, rtol=1e-6)
     assert summary["seed_best_normalized_scores"] == [
         max(score for _, score in curve) for curve in summary["seed_evaluations"]
     ]
