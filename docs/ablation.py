@@ -425,9 +425,12 @@ def each_seed(summary: dict) -> list[dict]:
         summary["seed_evaluations"],
         strict=True,
     )
+    episodes, n = summary.get("episode_normalized_scores"), summary["eval_episodes"]  # seed by seed (older runs: none)
     return [
-        summary | {"seed": seed, "normalized_score": final, "best_normalized_score": best, "evaluations": curve}
-        for seed, final, best, curve in per_seed
+        summary
+        | {"seed": seed, "normalized_score": final, "best_normalized_score": best, "evaluations": curve}
+        | ({"episode_normalized_scores": episodes[k * n : (k + 1) * n]} if episodes else {})
+        for k, (seed, final, best, curve) in enumerate(per_seed)
     ]
 
 

@@ -2,6 +2,7 @@
 ofql_jax.py --num-seeds job or one job each, skipped when finished, resumed with a larger budget, stopped by a Ctrl-C
 to the whole process group; Table 1's plan, its missing files and one of its rows trained and reported."""
 
+import importlib.util
 import json
 import os
 import re
@@ -125,3 +126,17 @@ def test_table1_trains_a_row_from_a_d4rl_file_with_its_seeds_batched_in_one_wand
     report = runner("report", "--runs-dir", "runs", cwd=tmp_path)
     assert re.search(r"^\| hopper-medium-replay \| -?[\d.]+ \+- [\d.]+ \| .* \| 2 \| 20 \|$", report, re.MULTILINE)
     assert (tmp_path / "runs" / "report" / "table1.md").is_file()
+
+
+def test_report_splits_a_batched_run_into_seeds_episode_by_episode():
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "docs" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    batched = {"num_seeds": 2, "seeds": [1, 2], "eval_episodes": 2, "normalized_score": 15.0}
+    batched |= {"seed_normalized_scores": [10.0, 20.0], "seed_best_normalized_scores": [12.0, 21.0]}
+    batched |= {"seed_evaluations": [[[5, 12.0]], [[5, 21.0]]], "episode_normalized_scores": [9.0, 11.0, 18.0, 22.0]}
+    first, second = ablation.each_seed(batched)
+    assert (first["seed"], first["normalized_score"], first["episode_normalized_scores"]) == (1, 10.0, [9.0, 11.0])
+    assert (second["seed"], second["normalized_score"], second["episode_normalized_scores"]) == (2, 20.0, [18.0, 22.0])
+    older = {key: value for key, value in batched.items() if key != "episode_normalized_scores"}  # before the key
+    assert all("episode_normalized_scores" not in each for each in ablation.each_seed(older))
