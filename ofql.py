@@ -138,12 +138,15 @@ class Args:
     target_actor: bool = False
     """the critic's next actions from an EMA copy of the actor (dql.py's, --ema-*), not the current policy; off: the
     paper's (no target policy)"""
+    eval_ema: bool = False
+    """evaluation acts with that EMA copy of the actor (--ema-*), as MeanFlow samples with EMA weights, not the
+    trained weights; off: the paper's"""
     ema_decay: float = 0.995
-    """--target-actor: the EMA's decay"""
+    """--target-actor, --eval-ema: the EMA's decay"""
     ema_start: int = 1000
-    """--target-actor: the EMA starts at this update (the copy keeps its initial weights until then)"""
+    """--target-actor, --eval-ema: the EMA starts at this update (the copy keeps its initial weights until then)"""
     ema_every: int = 5
-    """--target-actor: the EMA updates every this many updates"""
+    """--target-actor, --eval-ema: the EMA updates every this many updates"""
     time_mu: float = -0.4
     """mean of the logit-normal that t and r are drawn from"""
     time_sigma: float = 1.0
@@ -322,7 +325,7 @@ def actor_losses(actor: Actor, critic: Critic, args: Args, obs, actions, swap: b
 def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, next_obs, terminals, swap: bool):
     """One update of critic, actor and target critic: tensors in, detached tensors out, no host synchronisation."""
     actor, critic, critic_target = networks["actor"], networks["critic"], networks["critic_target"]
-    actor_target = networks.get("actor_target", actor)
+    actor_target = networks["actor_target"] if args.target_actor else actor
     # critic: clipped double-Q target with next actions in one step from the CURRENT policy (the paper: no target
     # actor), or with --target-actor from the EMA target actor
     with torch.no_grad():
@@ -352,8 +355,8 @@ def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, 
 
 
 def update_actor_target(actor_target: Actor | None, actor: Actor, step: int, args: Args):
-    """--target-actor: the EMA target actor (dql.py's) every `ema_every` updates from `ema_start`; until then it keeps
-    its initial weights. Outside `update`: the condition is on the host's step."""
+    """--target-actor, --eval-ema: the EMA copy of the actor (dql.py's target actor) every `ema_every` updates from
+    `ema_start`; until then it keeps its initial weights. Outside `update`: the condition is on the host's step."""
     if actor_target is not None and step >= args.ema_start and step % args.ema_every == 0:
         with torch.no_grad():
             torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), 1 - args.ema_decay)
@@ -607,6 +610,9 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
             check_continues(args.resume, saved["progress"]["step"], args.total_steps)
         elif args.eval_only and args.checkpoint:
             saved = load_saved(args.checkpoint, "--checkpoint")
+            if args.eval_ema and "actor_target" not in saved:
+                raise ValueError(f"--eval-ema: {args.checkpoint} holds no EMA copy of the actor (trained without "
+                                 "--eval-ema and --target-actor)")  # fmt: skip
             args = replace(args, interval_conditioning=saved["args"].get("interval_conditioning", False))  # its actor
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
         args, task_line = task_defaults(args)
@@ -1121,7 +1127,7 @@ if __name__ == "__main__":
     actor_optimizer = adam(actor.parameters(), lr=args.lr)
     critic_optimizer = adam(critic.parameters(), lr=args.critic_lr)
     networks = {"actor": actor, "critic": critic, "critic_target": critic_target}
-    if args.target_actor:  # H2 of issue 19: dql.py's EMA target actor for the critic's next actions
+    if args.target_actor or args.eval_ema:  # dql.py's EMA target actor: the critic's next actions, or evaluation's
         networks["actor_target"] = copy.deepcopy(actor)
     optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
     if saved:  # --resume: networks, optimizers, RNG; --eval-only: networks
@@ -1142,7 +1148,8 @@ if __name__ == "__main__":
         print(f"resuming {run_dir} from update {progress['step']}")
 
     train_step = partial(update, networks, optimizers, args)
-    policy = partial(select_actions, actor, critic_target, num_candidates=args.num_candidates)
+    acting_actor = networks["actor_target"] if args.eval_ema else actor
+    policy = partial(select_actions, acting_actor, critic_target, num_candidates=args.num_candidates)
     policy = partial(policy, noise_scale=args.eval_noise_scale)
     if args.compile:
         import torch._inductor.config

@@ -143,12 +143,15 @@ class Args:
     target_actor: bool = False
     """the critic's next actions from an EMA copy of the actor (dql.py's, --ema-*), not the current policy; off: the
     paper's (no target policy)"""
+    eval_ema: bool = False
+    """evaluation acts with that EMA copy of the actor (--ema-*), as MeanFlow samples with EMA weights, not the
+    trained weights; off: the paper's"""
     ema_decay: float = 0.995
-    """--target-actor: the EMA's decay"""
+    """--target-actor, --eval-ema: the EMA's decay"""
     ema_start: int = 1000
-    """--target-actor: the EMA starts at this update (the copy keeps its initial weights until then)"""
+    """--target-actor, --eval-ema: the EMA starts at this update (the copy keeps its initial weights until then)"""
     ema_every: int = 5
-    """--target-actor: the EMA updates every this many updates"""
+    """--target-actor, --eval-ema: the EMA updates every this many updates"""
     time_mu: float = -0.4
     """mean of the logit-normal that t and r are drawn from"""
     time_sigma: float = 1.0
@@ -279,7 +282,7 @@ class Critic(nn.Module):
 
 
 class ActorTrainState(TrainState):
-    target_params: flax.core.FrozenDict | None  # --target-actor's EMA copy; None: no target actor (the paper's)
+    target_params: flax.core.FrozenDict | None  # the EMA copy (--target-actor, --eval-ema); None: none (the paper's)
 
 
 class CriticTrainState(TrainState):
@@ -357,7 +360,7 @@ def update(actor: Actor, critic: Critic, args: Args, actor_state, critic_state, 
     """One update of critic, actor and target critic: a pure function of the train states, a batch and a key."""
     obs, actions, rewards, next_obs, terminals = batch
     key_next, key_actor, key_swap = jax.random.split(key, 3)
-    next_params = actor_state.params if actor_state.target_params is None else actor_state.target_params
+    next_params = actor_state.target_params if args.target_actor else actor_state.params
     # critic: clipped double-Q target with next actions in one step from the CURRENT policy (the paper: no target
     # actor), or with --target-actor from the EMA target actor
     if args.max_q_backup:  # 10 next actions per s': max per critic, then min over critics
@@ -382,7 +385,7 @@ def update(actor: Actor, critic: Critic, args: Args, actor_state, critic_state, 
 
     (actor_loss, (bc_loss, q_loss)), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(actor_state.params)
     actor_state = actor_state.apply_gradients(grads=grads)  # no gradient step of the critic
-    if actor_state.target_params is not None:  # the EMA target actor, every `ema_every` updates from `ema_start`
+    if actor_state.target_params is not None:  # the EMA copy, every `ema_every` updates from `ema_start`
         ema = (actor_state.step >= args.ema_start) & (actor_state.step % args.ema_every == 0)  # this update's number
         weight = jnp.where(ema, 1 - args.ema_decay, 0.0)
         actor_target = optax.incremental_update(actor_state.params, actor_state.target_params, weight)
@@ -618,6 +621,9 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
                 raise ValueError(f"--num-seeds {args.num_seeds}: the run trains {run_seeds} seeds")
         elif args.eval_only and args.checkpoint:
             saved = load_saved(args.checkpoint, "--checkpoint")
+            if args.eval_ema and "actor_target" not in saved:
+                raise ValueError(f"--eval-ema: {args.checkpoint} holds no EMA copy of the actor (trained without "
+                                 "--eval-ema and --target-actor)")  # fmt: skip
             model_args = {"num_seeds": 1, "interval_conditioning": False} | saved["args"]  # older models lack them
             args = replace(
                 args, num_seeds=model_args["num_seeds"], interval_conditioning=model_args["interval_conditioning"]
@@ -1200,7 +1206,7 @@ if __name__ == "__main__":
         actor_state = ActorTrainState.create(
             apply_fn=actor.apply,
             params=actor_params,
-            target_params=jax.tree.map(jnp.copy, actor_params) if args.target_actor else None,  # H2 of issue 19
+            target_params=jax.tree.map(jnp.copy, actor_params) if args.target_actor or args.eval_ema else None,
             tx=adam(args.lr, args.grad_norm),
         )
         critic_state = CriticTrainState.create(
@@ -1265,7 +1271,8 @@ if __name__ == "__main__":
         calls = np.asarray(progress["policy_calls"])
         progress["policy_calls"] = (calls + active.reshape(seed_axis)).tolist()
         obs_by_seed = obs.reshape(*seed_axis, -1, obs.shape[-1])
-        return policy_step(actor_state.params, critic_state.target_params, eval_key, calls, obs_by_seed)
+        acting_params = actor_state.target_params if args.eval_ema else actor_state.params
+        return policy_step(acting_params, critic_state.target_params, eval_key, calls, obs_by_seed)
 
     def evaluate_and_log(step: int, num_episodes: int) -> np.ndarray:
         """Scores (seeds, episodes); logged: the mean, and with several seeds each seed's mean and their spread."""
