@@ -566,6 +566,30 @@ def cut_first_array(tree):
         return tree | {name: value[:-1]}
 
 
+def load_model(path) -> dict:
+    if path.suffix == ".msgpack":
+        from flax.serialization import msgpack_restore
+
+        return msgpack_restore(path.read_bytes())
+    return {name: dict(value) if isinstance(value, dict) else value for name, value in torch.load(path).items()}
+
+
+def save_model(saved: dict, path):
+    if path.suffix == ".msgpack":
+        from flax.serialization import msgpack_serialize
+
+        path.write_bytes(msgpack_serialize(saved))
+    else:
+        torch.save(saved, path)
+
+
+def arrays(tree) -> list[np.ndarray]:
+    """A network's arrays, by name (torch's state dicts and JAX's nested dicts alike)."""
+    if isinstance(tree, dict):
+        return [array for name in sorted(tree) for array in arrays(tree[name])]
+    return [np.asarray(tree)]
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_model_of_other_shapes_fails_with_one_line(script, minari_path, tmp_path):
     """--eval-only with a model whose arrays do not fit this dataset's networks: one line, exit code 1, no traceback,
@@ -574,14 +598,8 @@ def test_a_model_of_other_shapes_fails_with_one_line(script, minari_path, tmp_pa
     assert run(script, tmp_path, *flags, "--total-steps", "2", "--log-freq", "1", "--save-model").returncode == 0
     (model,) = (tmp_path / "runs").glob("*/model.*")
     other = tmp_path / f"other{model.suffix}"
-    if script == "ofql_jax":
-        from flax.serialization import msgpack_restore, msgpack_serialize
-
-        saved = msgpack_restore(model.read_bytes())
-        other.write_bytes(msgpack_serialize(saved | {"critic": cut_first_array(saved["critic"])}))
-    else:
-        saved = torch.load(model)
-        torch.save(saved | {"critic": cut_first_array(dict(saved["critic"]))}, other)
+    saved = load_model(model)
+    save_model(saved | {"critic": cut_first_array(saved["critic"])}, other)
     result = run(script, tmp_path, *flags, "--eval-only", "--checkpoint", str(other), timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: the saved networks do not fit this script")
@@ -616,3 +634,40 @@ def test_q_grad_ratio_is_the_norm_of_q_losss_gradient_against_bc_losss(script):
         norms.append(torch.sqrt(sum((p.grad**2).sum() for p in actor.parameters())))
     torch.testing.assert_close(ratio, norms[1] / norms[0])
     assert 0 < ratio < 100
+
+
+@pytest.mark.parametrize("script", ["ofql", "ofql_jax"])
+def test_eval_ema_acts_with_the_ema_copy_and_leaves_training_alone(script, minari_path, tmp_path):
+    """--eval-ema: training as without it (the same actor and critic), the EMA copy saved with the model; --eval-only
+    with it acts as a model whose actor is that copy (the same episode), not as the trained actor; a model without a
+    copy is refused in one line."""
+    flags = ("--env-id", HOPPER_DATASET_ID, *QUICK, "--total-steps", "20", "--log-freq", "10", "--save-model")
+    flags += ("--ema-start", "5", "--ema-every", "2")
+    for name, more in (("plain", ()), ("ema", ("--eval-ema",))):
+        (tmp_path / name).mkdir()
+        assert run(script, tmp_path / name, *flags, *more).returncode == 0
+    (plain,), (ema,) = ((tmp_path / name / "runs").glob("*/model.*") for name in ("plain", "ema"))
+    plain_model, ema_model = load_model(plain), load_model(ema)
+    assert "actor_target" not in plain_model and ema_model["args"]["eval_ema"]
+    for name in ("actor", "critic"):
+        pairs = zip(arrays(plain_model[name]), arrays(ema_model[name]), strict=True)
+        assert all(np.array_equal(a, b) for a, b in pairs), name
+    copy_as_actor = tmp_path / f"copy_as_actor{ema.suffix}"
+    save_model({name: value for name, value in ema_model.items() if name != "actor_target"}
+               | {"actor": ema_model["actor_target"]}, copy_as_actor)  # fmt: skip
+
+    returns = {}
+    for name, model, more in (("with_copy", ema, ("--eval-ema",)), ("copy", copy_as_actor, ()), ("trained", ema, ())):
+        (tmp_path / name).mkdir()
+        result = run(script, tmp_path / name, *QUICK, "--env-id", HOPPER_DATASET_ID, "--eval-only", "--checkpoint",
+                     str(model), *more)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        returns[name] = summary_of(tmp_path / name)["return_mean"]
+    assert returns["with_copy"] == returns["copy"] != returns["trained"], returns
+
+    (tmp_path / "refused").mkdir()
+    result = run(script, tmp_path / "refused", *QUICK, "--env-id", HOPPER_DATASET_ID, "--eval-only", "--checkpoint",
+                 str(plain), "--eval-ema")  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --eval-ema: {plain} holds no EMA copy")
+    assert not (tmp_path / "refused" / "runs").exists()
