@@ -4,6 +4,7 @@ import copy
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -393,20 +394,27 @@ def small_networks(target_actor: bool, obs_dim: int = 5, action_dim: int = 2) ->
 
 def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
     """--target-actor (H2 of issue 19): the critic's target takes its next actions from the EMA copy (a copy equal to
-    the actor: the same update as without one; another copy: another critic loss, the same BC loss), and the copy
-    moves as dql.py's EMA (not before ema_start, every ema_every updates, by 1 - ema_decay)."""
+    the actor: the same update as without one; another copy: another critic loss, the same BC loss; with --eval-ema
+    alone the copy does not train anything), and the copy moves as dql.py's EMA (not before ema_start, every ema_every
+    updates, by 1 - ema_decay)."""
     args = ofql.Args(eta=1.0, max_q_backup=False, grad_norm=0.0, target_actor=True, ema_start=4, ema_every=2)
     batch = (torch.randn(32, 5), torch.rand(32, 2) * 2 - 1, torch.randn(32, 1), torch.randn(32, 5), torch.zeros(32, 1))
     losses = {}
-    for name, target_actor, perturb in (("without", False, 0.0), ("copy", True, 0.0), ("other", True, 0.5)):
-        networks, optimizers = small_networks(target_actor)
+    for name, case_args, perturb in (
+        ("without", replace(args, target_actor=False), None),
+        ("copy", args, 0.0),
+        ("other", args, 0.5),
+        ("other for evaluation", replace(args, target_actor=False, eval_ema=True), 0.5),
+    ):
+        networks, optimizers = small_networks(perturb is not None)
         if perturb:
             with torch.no_grad():
                 for p in networks["actor_target"].parameters():
                     p.add_(perturb * torch.randn_like(p))
         torch.manual_seed(1)
-        losses[name] = ofql.update(networks, optimizers, args, *batch, swap=False)
-    assert {k: v.item() for k, v in losses["copy"].items()} == {k: v.item() for k, v in losses["without"].items()}
+        losses[name] = ofql.update(networks, optimizers, case_args, *batch, swap=False)
+    values = {name: {k: v.item() for k, v in case.items()} for name, case in losses.items()}
+    assert values["copy"] == values["without"] == values["other for evaluation"]
     assert losses["other"]["critic_loss"] != losses["without"]["critic_loss"]
     assert losses["other"]["bc_loss"] == losses["without"]["bc_loss"]
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -526,9 +527,12 @@ def test_benchmark_table_gives_seed_updates_per_second_per_num_seeds():
 
 def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
     """--target-actor in ofql_jax.py: the EMA copy in the actor's train state gives the critic's next actions (a copy
-    equal to the actor: the same update as without one; another copy: another critic loss) and moves as ofql.py's
-    update_actor_target (not before ema_start, every ema_every updates, by 1 - ema_decay)."""
-    args = ofql_jax.Args(eta=1.0, max_q_backup=False, grad_norm=0.0, lr=3e-4, ema_start=2, ema_every=2)
+    equal to the actor: the same update as without one; another copy: another critic loss; with --eval-ema alone the
+    copy does not train anything) and moves as ofql.py's update_actor_target (not before ema_start, every ema_every
+    updates, by 1 - ema_decay)."""
+    args = ofql_jax.Args(
+        eta=1.0, max_q_backup=False, grad_norm=0.0, lr=3e-4, target_actor=True, ema_start=2, ema_every=2
+    )
     actor, critic = ofql_jax.Actor(2, (-1.0, -1.0), (1.0, 1.0)), ofql_jax.Critic()
     keys = jax.random.split(jax.random.PRNGKey(0), 8)
     obs, actions = jax.random.normal(keys[0], (32, 5)), jax.random.uniform(keys[1], (32, 2), minval=-1, maxval=1)
@@ -546,9 +550,17 @@ def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
 
     other = jax.tree.map(lambda p: p + 0.5 * jax.random.normal(keys[6], p.shape), actor_params)
     losses = {}
-    for name, target_params in (("without", None), ("copy", actor_params), ("other", other)):
-        losses[name] = ofql_jax.update(actor, critic, args, actor_state(target_params), critic_state, batch, keys[7])[2]
+    eval_ema = replace(args, target_actor=False, eval_ema=True)
+    for name, case_args, target_params in (
+        ("without", replace(args, target_actor=False), None),
+        ("copy", args, actor_params),
+        ("other", args, other),
+        ("other for evaluation", eval_ema, other),
+    ):
+        state = actor_state(target_params)
+        losses[name] = ofql_jax.update(actor, critic, case_args, state, critic_state, batch, keys[7])[2]
     assert jax.tree.map(float, losses["copy"]) == jax.tree.map(float, losses["without"])
+    assert jax.tree.map(float, losses["other for evaluation"]) == jax.tree.map(float, losses["without"])
     assert float(losses["other"]["critic_loss"]) != float(losses["without"]["critic_loss"])
 
     state, targets = actor_state(other), []
