@@ -9,6 +9,7 @@ backpropagates through that one call (no BPTT); the critic's next actions come f
 
 Usage:
     python ofql_jax.py --env-id hopper-medium-v2    # a D4RL name, mapped to a Minari dataset
+    python ofql_jax.py --env-id hopper-medium-v2 --paper-variant    # the paper's exact OFQL (ofql.py's docstring)
     MINARI_DATASETS_PATH=/path/to/datasets python ofql_jax.py --env-id sac/hopper/medium-replay-v0
     python ofql_jax.py --env-id hopper-medium-replay-v2 --dataset-path hopper_medium_replay-v2.hdf5
     python ofql_jax.py --resume runs/{run_name}     # continue an interrupted run (Ctrl-C checkpoints)
@@ -109,6 +110,9 @@ class Args:
     """log the losses and a progress line every this many updates"""
 
     # Algorithm specific arguments (None: the task's row in TASKS)
+    paper_variant: bool = False
+    """the paper's exact OFQL where our defaults depart from it: its BC pairs alone (acting ratio 0), one-step actions
+    from the trained weights (no EMA), and eta from its grid (PAPER_ETAS); flags left at None take these"""
     lr: float | None = None
     """learning rate of the actor (None: the task's row in TASKS)"""
     eta: float | None = None
@@ -127,9 +131,9 @@ class Args:
     """target critic smoothing coefficient"""
     flow_ratio: float = 0.5
     """fraction of each batch with r = t (plain flow matching pairs)"""
-    acting_ratio: float = 0.0
-    """fraction of each batch (its end, before flow_ratio's) at (r, t) = (0, 1), where one-step sampling acts (Eq. 18);
-    0: the paper's"""
+    acting_ratio: float | None = None
+    """fraction of each batch (its end, before flow_ratio's) at (r, t) = (0, 1), where one-step sampling acts (Eq. 18)
+    (None: 0.25, ours; 0, the paper's, with --paper-variant)"""
     zero_r_ratio: float = 0.0
     """fraction of each batch (before acting_ratio's) with r = 0 and t from the sampler: intervals that end at the data,
     as one-step sampling's does; 0: the paper's"""
@@ -143,9 +147,9 @@ class Args:
     target_actor: bool = False
     """the critic's next actions from an EMA copy of the actor (dql.py's, --ema-*), not the current policy; off: the
     paper's (no target policy)"""
-    eval_ema: bool = False
+    eval_ema: bool | None = None
     """evaluation acts with that EMA copy of the actor (--ema-*), as MeanFlow samples with EMA weights, not the
-    trained weights; off: the paper's"""
+    trained weights (None: True, ours; False, the paper's, with --paper-variant; --eval-only: as the model's run did)"""
     ema_decay: float = 0.995
     """--target-actor, --eval-ema: the EMA's decay"""
     ema_start: int = 1000
@@ -172,19 +176,20 @@ RANGES = {
 }
 
 # Per-task defaults, the fields of TASK_FIELDS in order. lr, max-Q backup, reward shaping, updates (epochs x 1000)
-# and gradient norms are DQL's; eta is OURS (the paper does not publish OFQL's): 0.01 on locomotion from a sweep of
-# the paper's grid on a Hopper and a HalfCheetah dataset (docs/ofql.md), more Q on AntMaze and more BC on Kitchen.
+# and gradient norms are DQL's; eta is OURS (the paper does not publish OFQL's): 2.0 on locomotion, where acting pairs
+# and the EMA's actions beat DQL on a Hopper and a HalfCheetah dataset at 100k updates (docs/ofql.md, issue 19), the
+# paper's grid's elsewhere (more Q on AntMaze, more BC on Kitchen).
 TASK_FIELDS = ("lr", "eta", "max_q_backup", "reward_tune", "total_steps", "grad_norm")
 TASKS = {
-    "halfcheetah-medium": (3e-4, 0.01, False, "none", 2_000_000, 9.0),
-    "hopper-medium": (3e-4, 0.01, False, "none", 2_000_000, 9.0),
-    "walker2d-medium": (3e-4, 0.01, False, "none", 2_000_000, 1.0),
-    "halfcheetah-medium-replay": (3e-4, 0.01, False, "none", 2_000_000, 2.0),
-    "hopper-medium-replay": (3e-4, 0.01, False, "none", 2_000_000, 4.0),
-    "walker2d-medium-replay": (3e-4, 0.01, False, "none", 2_000_000, 4.0),
-    "halfcheetah-medium-expert": (3e-4, 0.01, False, "none", 2_000_000, 7.0),
-    "hopper-medium-expert": (3e-4, 0.01, False, "none", 2_000_000, 5.0),
-    "walker2d-medium-expert": (3e-4, 0.01, False, "none", 2_000_000, 5.0),
+    "halfcheetah-medium": (3e-4, 2.0, False, "none", 2_000_000, 9.0),
+    "hopper-medium": (3e-4, 2.0, False, "none", 2_000_000, 9.0),
+    "walker2d-medium": (3e-4, 2.0, False, "none", 2_000_000, 1.0),
+    "halfcheetah-medium-replay": (3e-4, 2.0, False, "none", 2_000_000, 2.0),
+    "hopper-medium-replay": (3e-4, 2.0, False, "none", 2_000_000, 4.0),
+    "walker2d-medium-replay": (3e-4, 2.0, False, "none", 2_000_000, 4.0),
+    "halfcheetah-medium-expert": (3e-4, 2.0, False, "none", 2_000_000, 7.0),
+    "hopper-medium-expert": (3e-4, 2.0, False, "none", 2_000_000, 5.0),
+    "walker2d-medium-expert": (3e-4, 2.0, False, "none", 2_000_000, 5.0),
     "antmaze-umaze": (3e-4, 0.5, False, "cql", 1_000_000, 2.0),
     "antmaze-umaze-diverse": (3e-4, 0.5, True, "cql", 1_000_000, 3.0),
     "antmaze-medium-play": (1e-3, 0.5, True, "cql", 1_000_000, 2.0),
@@ -522,6 +527,12 @@ DOMAIN_ROWS = {
     **{domain: "pen-human" for domain in ADROIT},
 }
 DEFAULT_TASK = "hopper-medium"
+# Where our defaults depart from a choice the paper states (issue 19, docs/ofql.md): BC pairs at the acting pair,
+# evaluation with an EMA of the actor's weights, and locomotion's eta outside the paper's grid {0.001, ..., 0.5}.
+# --paper-variant takes the paper's: PAPER_VARIANT, and eta from PAPER_ETAS where the row's domain is there.
+OUR_VARIANT = {"acting_ratio": 0.25, "eval_ema": True}
+PAPER_VARIANT = {"acting_ratio": 0.0, "eval_ema": False}
+PAPER_ETAS = {domain: 0.01 for domain in ("halfcheetah", "hopper", "walker2d")}  # its grid's best in our sweep
 # D4RL's normalization constants (min, max): random and expert returns of the original tasks.
 D4RL_REF_SCORES = {
     "hopper": (-20.272305, 3234.3),
@@ -575,14 +586,19 @@ def task_name(env_id: str) -> str:
 
 
 def task_defaults(args: Args) -> tuple[Args, str]:
-    """Every None field of TASK_FIELDS filled from the task's row, and a line saying which row and what differs."""
+    """Every None field of TASK_FIELDS filled from the task's row and the variant's (ours, or --paper-variant's), and a
+    line saying which row and variant, and what differs."""
     task = task_name(args.env_id)
     row = task if task in TASKS else DOMAIN_ROWS.get(task.split("-")[0], DEFAULT_TASK)
-    args = replace(args, **{f: v for f, v in zip(TASK_FIELDS, TASKS[row], strict=True) if getattr(args, f) is None})
-    differ = [f for f, v in zip(TASK_FIELDS, TASKS[row], strict=True) if getattr(args, f) != v]  # set by a flag
-    values = ", ".join(f"{field} {getattr(args, field)}" for field in TASK_FIELDS)
+    defaults = dict(zip(TASK_FIELDS, TASKS[row], strict=True)) | (PAPER_VARIANT if args.paper_variant else OUR_VARIANT)
+    if args.paper_variant:
+        defaults["eta"] = PAPER_ETAS.get(row.split("-")[0], defaults["eta"])
+    args = replace(args, **{f: v for f, v in defaults.items() if getattr(args, f) is None})
+    differ = [f for f, v in defaults.items() if getattr(args, f) != v]  # set by a flag (--eval-only: by the model)
+    values = ", ".join(f"{field} {getattr(args, field)}" for field in defaults)
     source = f"task row {row}" if row == task else f"{task} has no row in TASKS, borrowing {row}'s"
-    return args, f"{source}: {values}" + (f" (not the row's: {', '.join(differ)})" if differ else "")
+    variant = ", the paper's variant" if args.paper_variant else ""
+    return args, f"{source}{variant}: {values}" + (f" (not the defaults: {', '.join(differ)})" if differ else "")
 
 
 def check_args(args: Args):
@@ -621,9 +637,11 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
                 raise ValueError(f"--num-seeds {args.num_seeds}: the run trains {run_seeds} seeds")
         elif args.eval_only and args.checkpoint:
             saved = load_saved(args.checkpoint, "--checkpoint")
+            if args.eval_ema is None:  # act as the model's run did
+                args = replace(args, eval_ema=saved["args"].get("eval_ema", False))
             if args.eval_ema and "actor_target" not in saved:
-                raise ValueError(f"--eval-ema: {args.checkpoint} holds no EMA copy of the actor (trained without "
-                                 "--eval-ema and --target-actor)")  # fmt: skip
+                raise ValueError(f"--eval-ema: {args.checkpoint} holds no EMA copy of the actor (its run acted with its"
+                                 " trained weights, without --target-actor); use --eval-ema False")  # fmt: skip
             model_args = {"num_seeds": 1, "interval_conditioning": False} | saved["args"]  # older models lack them
             args = replace(
                 args, num_seeds=model_args["num_seeds"], interval_conditioning=model_args["interval_conditioning"]

@@ -1,10 +1,11 @@
 """The paper's ablation (Table 2), an eta sweep and Table 1, by command: train and evaluate every run, then rebuild the
 figures and tables from the run folders alone.
 
-`ablation` trains DQL (5 steps), FQL (5 steps), OFQL (1 step), and OFQL and DQL with --eta 0 (each one's behaviour
-cloning alone) with the same budget on every dataset and seed, then evaluates the paper's one-step variants of the
-trained 5-step models at inference only: DQL + DDIM (1) and FQL (1) (`--eval-only` on the run's model.pt). `eta-sweep`
-trains OFQL (ofql_jax.py) over an eta grid; `table1` OFQL on every row of the paper's Table 1 (TASKS), printing its
+`ablation` trains DQL (5 steps), FQL (5 steps), OFQL (1 step: ours, and the paper's variant with --paper-variant), and
+OFQL and DQL with --eta 0 (each one's behaviour cloning alone) with the same budget on every dataset and seed, then
+evaluates the paper's one-step variants of the trained 5-step models at inference only: DQL + DDIM (1) and FQL (1)
+(`--eval-only` on the run's model.pt). `eta-sweep` trains the paper's variant of OFQL (ofql_jax.py --paper-variant)
+over the paper's eta grid; `table1` OFQL on every row of the paper's Table 1 (TASKS), printing its
 plan, its estimated GPU-hours and the D4RL files missing before anything starts. Each job is a script run through its
 own CLI in its own folder (<runs-dir>/<grid>/<dataset>/<method>/seed<k>/, or seeds<a>-<b>/ for one ofql_jax.py
 --num-seeds run of them all with --batch-seeds), submitted through submitit: --executor local runs --jobs at a time
@@ -50,6 +51,7 @@ TRAINED = {
     "dql": ("dql.py", [], "DQL (5)"),
     "fql": ("fql.py", [], "FQL (5)"),
     "ofql": ("ofql.py", [], "OFQL (1)"),
+    "ofql-paper": ("ofql.py", ["--paper-variant"], "OFQL (1), the paper's variant"),
     "ofql-eta0": ("ofql.py", ["--eta", "0"], "OFQL, eta 0 (BC only)"),
     "dql-eta0": ("dql.py", ["--eta", "0"], "DQL, eta 0 (BC only)"),
 }
@@ -58,8 +60,12 @@ ONE_STEP = {
     "fql-1": ("fql", ["--eval-steps", "1"], "FQL (1)"),
 }
 # --batch-seeds: these methods' seeds train as one ofql_jax.py --num-seeds job per dataset (the eta sweep's too)
-BATCHED = {"ofql": ("ofql_jax.py", []), "ofql-eta0": ("ofql_jax.py", ["--eta", "0"])}
-ETA_GRID = (0.001, 0.01, 0.1, 0.3, 0.5)  # the paper's grid
+BATCHED = {
+    "ofql": ("ofql_jax.py", []),
+    "ofql-paper": ("ofql_jax.py", ["--paper-variant"]),
+    "ofql-eta0": ("ofql_jax.py", ["--eta", "0"]),
+}
+ETA_GRID = (0.001, 0.01, 0.1, 0.3, 0.5)  # the paper's grid, swept with the paper's variant (--paper-variant)
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.msgpack")  # the torch scripts', ofql_jax.py's
 GRIDS = ("ablation", "eta_sweep", "table1")
 NO_EXIT_CODE = -1
@@ -160,7 +166,8 @@ def eta_sweep_jobs(args) -> list[Job]:
         for dataset in args.datasets:
             for eta in args.etas:
                 folder = os.path.join(args.runs_dir, "eta_sweep", slug(dataset), f"eta{eta:g}", seeds_folder(seeds))
-                command = training_command(folder, args.script, ["--eta", f"{eta:g}"], dataset, seeds, args)
+                flags = ["--paper-variant", "--eta", f"{eta:g}"]
+                command = training_command(folder, args.script, flags, dataset, seeds, args)
                 jobs.append(Job(folder, command, args.total_steps))
     return jobs
 

@@ -4,10 +4,10 @@ at one step, on a 2D toy target with eight modes. Writes one PNG and prints each
 The target is eight Gaussians on a ring (radius 0.7, std 0.05, inside the action box [-1, 1]^2), conditioned on a
 constant dummy observation. Both policies are the scripts' own networks and losses, imported, not copied:
 fql.Actor trained by fql.flow_matching_loss (t ~ Uniform(0, 1), as fql.py does), sampled by fql.sample_actions;
-ofql.Actor trained by ofql.mean_flow_loss on ofql.sample_time_pairs (flow ratio 0.5, logit-normal mu -0.4, sigma 1.0,
-ofql.py's defaults), sampled by ofql.sample_actions. Same hidden size, Adam 1e-3, batch and number of updates for
-both. Distance: sliced Wasserstein-1 (fixed, seeded projections) to a fresh target sample; the distance between two
-independent target samples is printed as the floor of what a perfect sampler would score.
+ofql.Actor trained by ofql.mean_flow_loss on ofql.sample_time_pairs (the paper's pairs: flow ratio 0.5, logit-normal
+mu -0.4, sigma 1.0, no acting pairs), sampled by ofql.sample_actions. Same hidden size, Adam 1e-3, batch and number
+of updates for both. Distance: sliced Wasserstein-1 (fixed, seeded projections) to a fresh target sample; the distance
+between two independent target samples is printed as the floor of what a perfect sampler would score.
 
 Usage:
     python docs/fig3_toy.py                                  # the figure: docs/fig3_toy.png (10000 updates, ~2.5 min)
@@ -94,7 +94,7 @@ def flow_matching(actor, obs, actions, noise):
 
 
 def mean_flow(actor, obs, actions, noise):
-    t, r = ofql.sample_time_pairs(obs.shape[0], 0.5, -0.4, 1.0, torch.device("cpu"))  # ofql.py's defaults
+    t, r = ofql.sample_time_pairs(obs.shape[0], 0.5, -0.4, 1.0, torch.device("cpu"))  # the paper's pairs
     return ofql.mean_flow_loss(actor, obs, actions, t, r, noise)
 
 

@@ -50,9 +50,9 @@ def test_ablation_trains_every_method_skips_finished_runs_goes_on_and_reports(mi
     grid = ("ablation", "--datasets", HOPPER_DATASET_ID, "--seeds", "1", "--eval-freq", "10", "--jobs", "2")
     grid += ("--runs-dir", "runs", f"--flags={flags}")
     first = ablation(*grid, "--total-steps", "20", cwd=tmp_path)
-    assert "0 of 7 runs done" in first and "7 of 7 runs done" in first and "FAILED" not in first
+    assert "0 of 8 runs done" in first and "8 of 8 runs done" in first and "FAILED" not in first
     again = ablation(*grid, "--total-steps", "20", cwd=tmp_path)
-    assert "7 of 7 runs done; 0 to go" in again and "start" not in again
+    assert "8 of 8 runs done; 0 to go" in again and "start" not in again
     longer = ablation(*grid, "--total-steps", "30", "--methods", "ofql", "dql", "dql-ddim1", cwd=tmp_path)
     assert "0 of 3 runs done" in longer and "3 of 3 runs done" in longer
     data = tmp_path / "runs" / "ablation" / HOPPER_DATASET_ID.replace("/", "_")
@@ -67,6 +67,7 @@ def test_ablation_trains_every_method_skips_finished_runs_goes_on_and_reports(mi
         "DQL (5)",
         "FQL (5)",
         "OFQL (1)",
+        "OFQL (1), the paper's variant",
         "OFQL, eta 0 (BC only)",
         "DQL, eta 0 (BC only)",
         "DQL + DDIM (1)",

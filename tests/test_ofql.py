@@ -34,10 +34,31 @@ def test_unknown_name_suggests_close_ones():
 def test_task_table_fills_defaults_and_command_line_wins():
     args, line = ofql.task_defaults(ofql.Args(env_id="sac/hopper/medium-replay-v0"))
     assert (args.grad_norm, args.max_q_backup, args.reward_tune, args.total_steps) == (4.0, False, "none", 2_000_000)
-    assert line.startswith("task row hopper-medium-replay: lr 0.0003, eta 0.01,") and "not the row" not in line
+    assert line.startswith("task row hopper-medium-replay: lr 0.0003, eta 2.0,") and "not the defaults" not in line
     args, line = ofql.task_defaults(ofql.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))
     assert (args.eta, args.max_q_backup, args.lr, args.reward_tune) == (0.3, True, 1e-3, "cql")
-    assert line.endswith("(not the row's: eta)")  # max_q_backup True is the row's
+    assert line.endswith("(not the defaults: eta)")  # max_q_backup True is the row's
+
+
+def test_our_variant_is_the_default_and_the_papers_is_one_flag_away():
+    """Ours: acting pairs, the EMA's actions, the row's eta (2.0 on locomotion); --paper-variant: none of them and eta
+    from the paper's grid (0.01 on locomotion, the row's where that is in the grid); a flag still wins."""
+    ours, line = ofql.task_defaults(ofql.Args(env_id="sac/hopper/medium-replay-v0"))
+    assert (ours.acting_ratio, ours.eval_ema, ours.eta) == (0.25, True, 2.0)
+    assert line.endswith("acting_ratio 0.25, eval_ema True") and "paper" not in line
+    paper, line = ofql.task_defaults(ofql.Args(env_id="sac/hopper/medium-replay-v0", paper_variant=True))
+    assert (paper.acting_ratio, paper.eval_ema, paper.eta) == (0.0, False, 0.01)
+    assert line.startswith("task row hopper-medium-replay, the paper's variant: lr 0.0003, eta 0.01,")
+    assert replace(paper, paper_variant=False, eval_ema=None, acting_ratio=None, eta=None) == replace(
+        ofql.Args(env_id="sac/hopper/medium-replay-v0"), lr=paper.lr, max_q_backup=paper.max_q_backup,
+        reward_tune=paper.reward_tune, total_steps=paper.total_steps, grad_norm=paper.grad_norm,
+    )  # fmt: skip
+    assert ofql.task_defaults(ofql.Args(env_id="kitchen-mixed-v0", paper_variant=True))[0].eta == 0.001
+    assert ofql.task_defaults(ofql.Args(env_id="mine/robot/demos-v0", paper_variant=True))[0].eta == 0.01  # hopper's
+    flags = ofql.Args(env_id="hopper-medium-v2", paper_variant=True, eta=0.1, acting_ratio=0.1, eval_ema=True)
+    args, line = ofql.task_defaults(flags)
+    assert (args.acting_ratio, args.eval_ema, args.eta) == (0.1, True, 0.1)
+    assert line.endswith("(not the defaults: eta, acting_ratio, eval_ema)")
 
 
 @pytest.mark.parametrize(
@@ -286,6 +307,7 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
         summary["algorithm"] == "ofql" and summary["dataset_id"] == HOPPER_DATASET_ID and summary["total_steps"] == 300
     )
     assert summary["eval_episodes"] == 2 and summary["device"] == "cpu"
+    assert [summary["args"][flag] for flag in ("acting_ratio", "eval_ema", "eta")] == [0.25, True, 2.0]  # ours
     episodes = np.array(summary["episode_normalized_scores"])  # each final episode's score, their mean the score
     assert len(episodes) == 2 and episodes.mean() == pytest.approx(summary["normalized_score"])
     assert episodes.std() == pytest.approx(summary["normalized_score_std"])
@@ -321,10 +343,11 @@ def test_ofql_learns_at_a_q_weight_where_the_papers_pairs_collapse(pendulum_data
     """The learning test (issue 19; real data, real training, about three minutes on one CPU thread): one noisy
     controller's Pendulum data (narrow, as HalfCheetah medium's; the data scores about 67), eta 10. With acting pairs,
     2,000 updates score well above the same seed's untrained networks and up at the data; with the paper's pairs
-    (--acting-ratio 0, the default) the same run collapses to about random, the MeanFlow loss at the acting pair far
+    (--acting-ratio 0) the same run collapses to about random, the MeanFlow loss at the acting pair far
     above the batch's (as on HalfCheetah at eta 0.3), where acting pairs hold it near the batch's. All evaluated
-    alike (20 episodes, 50 candidates, the Q pick)."""
-    evaluation = ("--env-id", pendulum_dataset, "--final-eval-episodes", "20", "--max-eval-envs", "20")
+    alike (20 episodes, 50 candidates, the Q pick, the trained weights)."""
+    evaluation = ("--env-id", pendulum_dataset, "--final-eval-episodes", "20", "--max-eval-envs", "20", "--eval-ema")
+    evaluation += ("False",)
     untrained = run_ofql(tmp_path / "untrained", *evaluation, "--total-steps", "0")
     training = (*evaluation, "--total-steps", "2000", "--eta", "10", "--eval-freq", "2000", "--log-freq", "1000")
     acting, papers = (
@@ -374,6 +397,11 @@ def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
     )  # fmt: skip
     assert evaluation["args"]["interval_conditioning"] and np.isfinite(evaluation["normalized_score"])
     assert summary["args"]["eval_noise_scale"] == 1.0 and evaluation["args"]["eval_noise_scale"] == 1.5
+    paper = run_ofql(tmp_path / "paper", "--paper-variant", "--total-steps", "20", "--save-model", "--log-freq", "10",
+                     "--eval-freq", "20", "--final-eval-episodes", "1", "--max-eval-envs", "1")  # fmt: skip
+    variant = ("paper_variant", "acting_ratio", "eval_ema", "eta")
+    assert [paper["args"][flag] for flag in variant] == [True, 0, False, 0.01]
+    assert "actor_target" not in torch.load(paper["run_dir"] / "model.pt") and np.isfinite(paper["normalized_score"])
 
 
 def small_networks(target_actor: bool, obs_dim: int = 5, action_dim: int = 2) -> tuple[dict, dict]:
@@ -398,6 +426,7 @@ def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
     alone the copy does not train anything), and the copy moves as dql.py's EMA (not before ema_start, every ema_every
     updates, by 1 - ema_decay)."""
     args = ofql.Args(eta=1.0, max_q_backup=False, grad_norm=0.0, target_actor=True, ema_start=4, ema_every=2)
+    args = replace(args, acting_ratio=0.0, eval_ema=False)
     batch = (torch.randn(32, 5), torch.rand(32, 2) * 2 - 1, torch.randn(32, 1), torch.randn(32, 5), torch.zeros(32, 1))
     losses = {}
     for name, case_args, perturb in (

@@ -37,6 +37,8 @@ def torch_to_flax(named_tensors) -> dict:
 def test_tables_and_names_are_ofqls():
     assert ofql_jax.TASKS == ofql.TASKS and ofql_jax.DOMAIN_ROWS == ofql.DOMAIN_ROWS
     assert ofql_jax.TASK_FIELDS == ofql.TASK_FIELDS and ofql_jax.DEFAULT_TASK == ofql.DEFAULT_TASK
+    assert (ofql_jax.OUR_VARIANT, ofql_jax.PAPER_VARIANT) == (ofql.OUR_VARIANT, ofql.PAPER_VARIANT)
+    assert ofql_jax.PAPER_ETAS == ofql.PAPER_ETAS
     assert ofql_jax.D4RL_TO_MINARI == ofql.D4RL_TO_MINARI and ofql_jax.D4RL_REF_SCORES == ofql.D4RL_REF_SCORES
     assert ofql_jax.COMBINED == ofql.COMBINED and ofql_jax.D4RL_FILE_ENVS == ofql.D4RL_FILE_ENVS
     assert ofql_jax.RANGES == ofql.RANGES | {"updates_per_call": "[1, inf)", "num_seeds": "[1, inf)"}
@@ -48,6 +50,8 @@ def test_tables_and_names_are_ofqls():
     assert ofql_jax.resolve_dataset_id("walker2d-medium-expert-v2") == "mujoco/walker2d/medium-expert-v0"
     args, line = ofql_jax.task_defaults(ofql_jax.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))
     assert line == ofql.task_defaults(ofql.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))[1]
+    paper = {"env_id": "sac/hopper/medium-replay-v0", "paper_variant": True}
+    assert ofql_jax.task_defaults(ofql_jax.Args(**paper))[1] == ofql.task_defaults(ofql.Args(**paper))[1]
     assert (args.eta, args.max_q_backup, args.lr, args.reward_tune, args.total_steps) == (
         0.3,
         True,
@@ -273,6 +277,7 @@ def test_end_to_end_run_writes_summary_and_model(full_run, tmp_path):
         and summary["total_steps"] == 300
     )
     assert summary["eval_episodes"] == 2 and summary["device"] == "cpu"
+    assert [summary["args"][flag] for flag in ("acting_ratio", "eval_ema", "eta")] == [0.25, True, 2.0]  # ours
     episodes = np.array(summary["episode_normalized_scores"])  # each final episode's score, their mean the score
     assert len(episodes) == 2 and episodes.mean() == pytest.approx(summary["normalized_score"])
     assert episodes.std() == pytest.approx(summary["normalized_score_std"])
@@ -533,6 +538,7 @@ def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
     args = ofql_jax.Args(
         eta=1.0, max_q_backup=False, grad_norm=0.0, lr=3e-4, target_actor=True, ema_start=2, ema_every=2
     )
+    args = replace(args, acting_ratio=0.0, eval_ema=False)
     actor, critic = ofql_jax.Actor(2, (-1.0, -1.0), (1.0, 1.0)), ofql_jax.Critic()
     keys = jax.random.split(jax.random.PRNGKey(0), 8)
     obs, actions = jax.random.normal(keys[0], (32, 5)), jax.random.uniform(keys[1], (32, 2), minval=-1, maxval=1)
@@ -602,3 +608,11 @@ def test_the_issue_19_variants_run_from_the_command_line(minari_path, tmp_path):
     )  # fmt: skip
     assert evaluation["args"]["interval_conditioning"] and evaluation["args"]["num_seeds"] == 2
     assert summary["args"]["eval_noise_scale"] == 1.0 and evaluation["args"]["eval_noise_scale"] == 1.5
+    (tmp_path / "paper").mkdir()
+    paper = run_ofql_jax(tmp_path / "paper", "--paper-variant", "--total-steps", "20", "--save-model", "--log-freq",
+                         "10", "--updates-per-call", "10", "--eval-freq", "20", "--final-eval-episodes", "1",
+                         "--max-eval-envs", "1")  # fmt: skip
+    variant = ("paper_variant", "acting_ratio", "eval_ema", "eta")
+    assert [paper["args"][flag] for flag in variant] == [True, 0, False, 0.01]
+    model = ofql_jax.load_saved(str(paper["run_dir"] / "model.msgpack"), "--checkpoint")
+    assert "actor_target" not in model and np.isfinite(paper["normalized_score"])

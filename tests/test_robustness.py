@@ -457,11 +457,11 @@ def test_cudagraphs_train_like_eager_on_a_gpu(script, minari_path, tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_restores_the_ema_copy_of_the_actor(script, minari_path, tmp_path):
-    """The EMA copy of the actor (dql.py's and fql.py's target actor; the OFQL scripts' with --eval-ema) is
+    """The EMA copy of the actor (dql.py's and fql.py's target actor; the OFQL scripts' for --eval-ema) is
     checkpointed with the other networks: a run stopped by SIGTERM after the EMA updates began, then resumed, ends with
     the same networks, the copy included, as an uninterrupted one."""
     flags = "--total-steps 60 --batch-size 64 --log-freq 1 --ema-start 10 --ema-every 3 --save-model"
-    flags = ("--env-id", HOPPER_DATASET_ID, *flags.split(), *QUICK, *(["--eval-ema"] if "ofql" in script else []))
+    flags = ("--env-id", HOPPER_DATASET_ID, *flags.split(), *QUICK, *(("--eval-ema", "True") * ("ofql" in script)))
     (tmp_path / "whole").mkdir()
     assert run(script, tmp_path / "whole", *flags).returncode == 0
     run_dir, _ = stop_with_sigterm(script, tmp_path / "interrupted", flags, after_update=25)
@@ -614,7 +614,7 @@ def test_q_grad_ratio_is_the_norm_of_q_losss_gradient_against_bc_losss(script):
     batch, the norm of each one's gradient over the actor's weights, q_loss's over bc_loss's; the weights' .grad and
     the training's RNG untouched."""
     m = module(script)
-    args = m.Args(eta=1.0, batch_size=64)
+    args, _ = m.task_defaults(m.Args(eta=1.0, batch_size=64))
     torch.manual_seed(0)
     actor, critic = m.Actor(5, 2, -np.ones(2), np.ones(2)), m.Critic(5, 2)
     data = {"obs": torch.randn(200, 5), "actions": torch.rand(200, 2) * 2 - 1}
@@ -640,12 +640,13 @@ def test_q_grad_ratio_is_the_norm_of_q_losss_gradient_against_bc_losss(script):
 
 @pytest.mark.parametrize("script", ["ofql", "ofql_jax"])
 def test_eval_ema_acts_with_the_ema_copy_and_leaves_training_alone(script, minari_path, tmp_path):
-    """--eval-ema: training as without it (the same actor and critic), the EMA copy saved with the model; --eval-only
-    with it acts as a model whose actor is that copy (the same episode), not as the trained actor; a model without a
-    copy is refused in one line."""
+    """--eval-ema (on by default): training as without it (the same actor and critic), the EMA copy saved with the
+    model; --eval-only acts as the model's run did: with the copy, as a model whose actor is that copy (the same
+    episode), not as the trained actor (--eval-ema False); a model without a copy acts with its trained weights, and
+    is refused in one line with --eval-ema True."""
     flags = ("--env-id", HOPPER_DATASET_ID, *QUICK, "--total-steps", "20", "--log-freq", "10", "--save-model")
     flags += ("--ema-start", "5", "--ema-every", "2")
-    for name, more in (("plain", ()), ("ema", ("--eval-ema",))):
+    for name, more in (("plain", ("--eval-ema", "False")), ("ema", ())):
         (tmp_path / name).mkdir()
         assert run(script, tmp_path / name, *flags, *more).returncode == 0
     (plain,), (ema,) = ((tmp_path / name / "runs").glob("*/model.*") for name in ("plain", "ema"))
@@ -659,17 +660,20 @@ def test_eval_ema_acts_with_the_ema_copy_and_leaves_training_alone(script, minar
                | {"actor": ema_model["actor_target"]}, copy_as_actor)  # fmt: skip
 
     returns = {}
-    for name, model, more in (("with_copy", ema, ("--eval-ema",)), ("copy", copy_as_actor, ()), ("trained", ema, ())):
+    off = ("--eval-ema", "False")
+    cases = (("with_copy", ema, ()), ("copy", copy_as_actor, off), ("trained", ema, off), ("as_run", plain, ()))
+    for name, model, more in cases:
         (tmp_path / name).mkdir()
         result = run(script, tmp_path / name, *QUICK, "--env-id", HOPPER_DATASET_ID, "--eval-only", "--checkpoint",
                      str(model), *more)  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]
         returns[name] = summary_of(tmp_path / name)["return_mean"]
     assert returns["with_copy"] == returns["copy"] != returns["trained"], returns
+    assert not summary_of(tmp_path / "as_run")["args"]["eval_ema"]  # as its run did
 
     (tmp_path / "refused").mkdir()
     result = run(script, tmp_path / "refused", *QUICK, "--env-id", HOPPER_DATASET_ID, "--eval-only", "--checkpoint",
-                 str(plain), "--eval-ema")  # fmt: skip
+                 str(plain), "--eval-ema", "True")  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: --eval-ema: {plain} holds no EMA copy")
     assert not (tmp_path / "refused" / "runs").exists()
