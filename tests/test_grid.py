@@ -92,7 +92,7 @@ def test_a_ctrl_c_to_the_process_group_stops_each_script_once_and_the_same_comma
 def test_table1_prints_its_plan_and_estimate_and_lists_missing_files_before_anything_starts(tmp_path):
     plan = runner("table1", "--d4rl-dir", str(tmp_path), "--batch-seeds", "--dry-run", cwd=tmp_path)
     rows = re.findall(r"^\| (\S+-v\d) \| (\S+) \| ([\d.]+) \| ([\d,]+) \| 1 \| ([\d.]+) \|$", plan, re.MULTILINE)
-    assert len(rows) == 20 and ("hopper-medium-replay-v2", "hopper_medium_replay-v2.hdf5", "0.01", "2,000,000") in [
+    assert len(rows) == 20 and ("hopper-medium-replay-v2", "hopper_medium_replay-v2.hdf5", "2", "2,000,000") in [
         row[:4] for row in rows
     ], plan
     assert ("antmaze-umaze-v2", "Minari", "0.5", "1,000,000") in [row[:4] for row in rows]
