@@ -151,7 +151,7 @@ class Args:
     ema_decay: float = 0.995
     """--target-actor, --eval-ema: the EMA's decay"""
     ema_start: int = 1000
-    """--target-actor, --eval-ema: the EMA starts at this update (the copy keeps its initial weights until then)"""
+    """--target-actor, --eval-ema: the EMA starts at this update (the copy is the actor until then)"""
     ema_every: int = 5
     """--target-actor, --eval-ema: the EMA updates every this many updates"""
     time_mu: float = -0.4
@@ -363,11 +363,13 @@ def update(networks: dict, optimizers: dict, args: Args, obs, actions, rewards, 
 
 
 def update_actor_target(actor_target: Actor | None, actor: Actor, step: int, args: Args):
-    """--target-actor, --eval-ema: the EMA copy of the actor (dql.py's target actor) every `ema_every` updates from
-    `ema_start`; until then it keeps its initial weights. Outside `update`: the condition is on the host's step."""
-    if actor_target is not None and step >= args.ema_start and step % args.ema_every == 0:
+    """--target-actor, --eval-ema: the EMA copy of the actor, dql.py's from `ema_start` (by 1 - ema_decay every
+    `ema_every` updates); before it the copy is the actor (dql.py's keeps its initial weights), so that a short run
+    does not act with untrained weights. Outside `update`: the condition is on the host's step."""
+    if actor_target is not None and (step < args.ema_start or step % args.ema_every == 0):
+        weight = 1.0 if step < args.ema_start else 1 - args.ema_decay  # lerp by 1: the actor's weights exactly
         with torch.no_grad():
-            torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), 1 - args.ema_decay)
+            torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), weight)
 
 
 @torch.no_grad()

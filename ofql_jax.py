@@ -153,7 +153,7 @@ class Args:
     ema_decay: float = 0.995
     """--target-actor, --eval-ema: the EMA's decay"""
     ema_start: int = 1000
-    """--target-actor, --eval-ema: the EMA starts at this update (the copy keeps its initial weights until then)"""
+    """--target-actor, --eval-ema: the EMA starts at this update (the copy is the actor until then)"""
     ema_every: int = 5
     """--target-actor, --eval-ema: the EMA updates every this many updates"""
     time_mu: float = -0.4
@@ -390,9 +390,9 @@ def update(actor: Actor, critic: Critic, args: Args, actor_state, critic_state, 
 
     (actor_loss, (bc_loss, q_loss)), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(actor_state.params)
     actor_state = actor_state.apply_gradients(grads=grads)  # no gradient step of the critic
-    if actor_state.target_params is not None:  # the EMA copy, every `ema_every` updates from `ema_start`
-        ema = (actor_state.step >= args.ema_start) & (actor_state.step % args.ema_every == 0)  # this update's number
-        weight = jnp.where(ema, 1 - args.ema_decay, 0.0)
+    if actor_state.target_params is not None:  # the EMA copy: the actor before `ema_start`, then every `ema_every`
+        before, ema = actor_state.step < args.ema_start, actor_state.step % args.ema_every == 0  # this update's number
+        weight = jnp.where(before, 1.0, jnp.where(ema, 1 - args.ema_decay, 0.0))
         actor_target = optax.incremental_update(actor_state.params, actor_state.target_params, weight)
         actor_state = actor_state.replace(target_params=actor_target)
 

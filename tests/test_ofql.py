@@ -423,8 +423,8 @@ def small_networks(target_actor: bool, obs_dim: int = 5, action_dim: int = 2) ->
 def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
     """--target-actor (H2 of issue 19): the critic's target takes its next actions from the EMA copy (a copy equal to
     the actor: the same update as without one; another copy: another critic loss, the same BC loss; with --eval-ema
-    alone the copy does not train anything), and the copy moves as dql.py's EMA (not before ema_start, every ema_every
-    updates, by 1 - ema_decay)."""
+    alone the copy does not train anything), and the copy moves as dql.py's EMA from ema_start (every ema_every updates,
+    by 1 - ema_decay) and is the actor before it."""
     args = ofql.Args(eta=1.0, max_q_backup=False, grad_norm=0.0, target_actor=True, ema_start=4, ema_every=2)
     args = replace(args, acting_ratio=0.0, eval_ema=False)
     batch = (torch.randn(32, 5), torch.rand(32, 2) * 2 - 1, torch.randn(32, 1), torch.randn(32, 5), torch.zeros(32, 1))
@@ -453,10 +453,11 @@ def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
         for p in actor.parameters():
             p.add_(1.0)
     before = [p.clone() for p in actor_target.parameters()]
-    for step in (2, 5):  # before ema_start; off the ema_every grid
-        ofql.update_actor_target(actor_target, actor, step, args)
-        assert all(torch.equal(p, q) for p, q in zip(actor_target.parameters(), before, strict=True))
+    ofql.update_actor_target(actor_target, actor, 5, args)  # off the ema_every grid
+    assert all(torch.equal(p, q) for p, q in zip(actor_target.parameters(), before, strict=True))
     ofql.update_actor_target(actor_target, actor, 6, args)
     for p, q, a in zip(actor_target.parameters(), before, actor.parameters(), strict=True):
         torch.testing.assert_close(p, args.ema_decay * q + (1 - args.ema_decay) * a)
+    ofql.update_actor_target(actor_target, actor, 3, args)  # before ema_start (4): the actor's weights
+    assert all(torch.equal(p, a) for p, a in zip(actor_target.parameters(), actor.parameters(), strict=True))
     ofql.update_actor_target(None, actor, 6, args)  # no target actor: nothing to do

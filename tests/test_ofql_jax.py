@@ -533,8 +533,8 @@ def test_benchmark_table_gives_seed_updates_per_second_per_num_seeds():
 def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
     """--target-actor in ofql_jax.py: the EMA copy in the actor's train state gives the critic's next actions (a copy
     equal to the actor: the same update as without one; another copy: another critic loss; with --eval-ema alone the
-    copy does not train anything) and moves as ofql.py's update_actor_target (not before ema_start, every ema_every
-    updates, by 1 - ema_decay)."""
+    copy does not train anything) and moves as ofql.py's update_actor_target (the actor before ema_start, then every
+    ema_every updates by 1 - ema_decay)."""
     args = ofql_jax.Args(
         eta=1.0, max_q_backup=False, grad_norm=0.0, lr=3e-4, target_actor=True, ema_start=2, ema_every=2
     )
@@ -570,18 +570,18 @@ def test_target_actor_gives_the_critics_next_actions_and_follows_dqls_ema():
     assert float(losses["other"]["critic_loss"]) != float(losses["without"]["critic_loss"])
 
     state, targets = actor_state(other), []
-    for _ in range(3):  # updates 1, 2, 3: only update 2 moves the copy (ema_start 2, ema_every 2)
+    for _ in range(3):  # updates 1, 2, 3 (ema_start 2, ema_every 2): the actor, the EMA, unchanged
         previous = state
         state = ofql_jax.update(actor, critic, args, state, critic_state, batch, keys[7])[0]
         targets.append((previous, state))
     for number, (previous, state) in enumerate(targets, start=1):
-        expected = (
-            jax.tree.map(
+        expected = {
+            1: state.params,
+            2: jax.tree.map(
                 lambda old, new: args.ema_decay * old + (1 - args.ema_decay) * new, previous.target_params, state.params
-            )
-            if number == 2
-            else previous.target_params
-        )
+            ),
+            3: previous.target_params,
+        }[number]
         for got, want in zip(jax.tree.leaves(state.target_params), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
