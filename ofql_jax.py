@@ -176,9 +176,9 @@ RANGES = {
 }
 
 # Per-task defaults, the fields of TASK_FIELDS in order. lr, max-Q backup, reward shaping, updates (epochs x 1000)
-# and gradient norms are DQL's; eta is OURS (the paper does not publish OFQL's): 2.0 on locomotion, where with acting
-# pairs and the EMA's actions OFQL scores at least DQL's on a Hopper and a HalfCheetah dataset at 100k updates
-# (docs/ofql.md, issue 19); from the paper's grid elsewhere (more Q on AntMaze, more BC on Kitchen).
+# and gradient norms are DQL's; eta is OURS (the paper does not publish OFQL's): 2.0 on locomotion, the best measured
+# with acting pairs and the EMA's actions: at 100k updates far above DQL on a Hopper dataset, within 1.5 points of it
+# on a HalfCheetah one (docs/ofql.md, issue 19); the paper's grid elsewhere (more Q on AntMaze, more BC on Kitchen).
 TASK_FIELDS = ("lr", "eta", "max_q_backup", "reward_tune", "total_steps", "grad_norm")
 TASKS = {
     "halfcheetah-medium": (3e-4, 2.0, False, "none", 2_000_000, 9.0),
