@@ -209,6 +209,20 @@ def pendulum_dataset(minari_path) -> str:
     return PENDULUM_DATASET_ID
 
 
+def run_script(
+    script: str, cwd, *flags: str, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`python {script}.py *flags` in cwd (made if missing), its output captured."""
+    Path(cwd).mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(ROOT / f"{script}.py"), *flags]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def no_run_folder(cwd) -> bool:
+    """Nothing under cwd/runs: no run folder was made (or the one made was removed)."""
+    return not (Path(cwd) / "runs").exists() or not any((Path(cwd) / "runs").iterdir())
+
+
 def stop_with_sigterm(script: str, cwd, flags: tuple[str, ...], after_update: int) -> tuple:
     """Start a run in cwd, send SIGTERM once it logged `after_update`; its run folder and output once it exited 128 + 15."""
     cwd.mkdir()

@@ -1,28 +1,33 @@
-"""Fault injection in all four scripts: a signal in each phase (start-up, training, periodic and final evaluation, a
-checkpoint write), kill -9, every kind of wrong file for --checkpoint and --resume, unwritable places, --resume of a
-finished run, --track without a wandb login. Each case asserts the exit code, one line on stderr, no traceback, and
-that what was saved before is intact and resumable: a run stopped in its evaluations and resumed twice ends with the
-losses and scores of an uninterrupted one."""
+"""Fault injection in all four scripts: a signal in each phase (start-up: the imports and the data loading; training;
+periodic and final evaluation; a checkpoint write), kill -9, every kind of wrong file for --checkpoint and --resume,
+--resume of a finished run, --track without a wandb login or with a bad WANDB_MODE. Each case asserts the exit code,
+one line on stderr, no traceback, and that what was saved before is intact and resumable: a run stopped in its
+evaluations and resumed twice ends with the losses and scores of an uninterrupted one."""
 
 import fcntl
 import importlib
 import json
 import os
 import pty
-import shutil
 import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
+from dataclasses import asdict
 
 import pytest
-from conftest import HOPPER_DATASET_ID, ROOT
+import torch
+from conftest import HOPPER_DATASET_ID, ROOT, no_run_folder
 
 SCRIPTS = ("ofql", "dql", "fql", "ofql_jax")
+TORCH_SCRIPTS = ("ofql", "dql", "fql")
+PLUMBING = ("ofql", "ofql_jax")  # runs that test PLUMBING alone: dql.py and fql.py hold ofql.py's (test_robustness.py)
 CHECKPOINT = {"ofql_jax": "checkpoint.msgpack"}
-# evaluations long enough to be interrupted: 60 episodes in 4 envs, a progress line at each quarter
-FLAGS = "--total-steps 40 --eval-freq 20 --log-freq 10 --eval-episodes 60 --final-eval-episodes 60 --max-eval-envs 4"
+# evaluations long enough to be interrupted: 60 episodes, a progress line at each quarter; quick ones otherwise
+FLAGS = "--total-steps 40 --eval-freq 20 --log-freq 10 --eval-episodes 60 --final-eval-episodes 60 --num-candidates 2"
+FLAGS += " --batch-size 64"
 
 
 def checkpoint_name(script: str) -> str:
@@ -31,7 +36,7 @@ def checkpoint_name(script: str) -> str:
 
 def command(script: str, *flags: str) -> list[str]:
     jax_flags = ["--updates-per-call", "10"] if script == "ofql_jax" else []
-    base = ["--env-id", HOPPER_DATASET_ID, "--no-cuda", "--threads", "1", *jax_flags]
+    base = ["--env-id", HOPPER_DATASET_ID, "--no-cuda", *jax_flags]
     return [sys.executable, str(ROOT / f"{script}.py"), *(base if "--resume" not in flags else []), *flags]
 
 
@@ -39,12 +44,16 @@ def run(script: str, cwd, *flags: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(command(script, *flags), cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def signal_at(script: str, cwd, flags: tuple[str, ...], line_start: str, signum: int, env=None) -> tuple[int, str, str]:
-    """Run, send `signum` once a stdout line starts with `line_start`; the exit code, stdout and stderr."""
+def start(script: str, cwd, flags, env=None) -> subprocess.Popen:
     env = (env or os.environ) | {"PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
+    return subprocess.Popen(
         command(script, *flags), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
+
+
+def signal_at(script: str, cwd, flags: tuple[str, ...], line_start: str, signum: int, env=None) -> tuple[int, str, str]:
+    """Run, send `signum` once a stdout line starts with `line_start`; the exit code, stdout and stderr."""
+    process = start(script, cwd, flags, env)
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -83,17 +92,10 @@ def scalars(run_dir) -> dict:
     return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in tags}
 
 
-@pytest.fixture(scope="module")
-def finished_runs(minari_path, tmp_path_factory) -> dict:
-    """One finished run per script (20 updates, checkpointed at its evaluation and at its end): their folders."""
-    runs = {}
-    for script in SCRIPTS:
-        cwd = tmp_path_factory.mktemp(f"finished_{script}")
-        flags = "--total-steps 20 --eval-freq 10 --log-freq 10 --eval-episodes 1 --final-eval-episodes 2".split()
-        done = run(script, cwd, *flags, "--save-model")
-        assert done.returncode == 0, done.stderr[-2000:]
-        runs[script] = cwd / the_run(cwd)
-    return runs
+def module(script: str):
+    if script == "ofql_jax":
+        pytest.importorskip("jax")  # a guard only: CI installs the `jax` extra
+    return importlib.import_module(script)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -132,23 +134,35 @@ def test_signals_in_both_evaluations_lose_nothing_and_the_resumed_run_is_the_uni
     assert summary["normalized_score"] == reference["normalized_score"] and "interrupted_at_step" not in summary
     assert scalars(run_dir) == scalars(next((tmp_path / "u" / "runs").iterdir()))
 
-    # a finished run refuses --resume (its result is kept), and goes on with more updates, keeping its summary
-    refused = run(script, tmp_path / "a", *resume)
-    assert refused.returncode == 1 and not refused.stdout.strip(), refused.stdout[-2000:]
-    assert_one_line(refused.stderr, "error: --resume", "the run finished at update 40", "--total-steps above 40")
-    assert read_json(run_dir / "summary.json") == summary
-    longer = run(script, tmp_path / "a", *resume, "--total-steps", "60")
-    assert longer.returncode == 0, longer.stderr[-2000:]
-    assert (
-        read_json(run_dir / "summary_40.json") == summary and read_json(run_dir / "summary.json")["total_steps"] == 60
-    )
+    # a finished run refuses --resume unless asked for more updates (test_every_wrong_file_...), and goes on with them
+    # keeping its summary as summary_40.json (test_robustness.py's test_non_finite_loss_...)
+
+
+def handles_sigterm(pid: int) -> bool:
+    """The process has a SIGTERM handler of its own (Linux: SigCgt in /proc): the script's first lines ran."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_signal_in_start_up_ends_at_once_with_one_line(script, minari_path, tmp_path):
+def test_a_signal_in_start_up_ends_at_once_with_one_line_and_no_run_folder(script, minari_path, tmp_path):
+    """SIGTERM while the libraries import, SIGINT while the data loads (after the task line, before the data's):
+    exit code 128 + signal, one line on stderr, no traceback, no run folder."""
+    process = start(script, tmp_path, ("--total-steps", "100"))
+    deadline = time.monotonic() + 60
+    while not handles_sigterm(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and out == "", (out, err[-2000:])  # before the task line
+    assert err.strip().splitlines() == ["SIGTERM: stopped during start-up, nothing written"], err[-2000:]
+
     code, out, err = signal_at(script, tmp_path, ("--total-steps", "100"), "", signal.SIGINT)  # at its first line
-    assert code == 128 + signal.SIGINT, err[-2000:]
-    assert_one_line(err, "SIGINT: stopped during start-up (no update made)")
+    assert code == 128 + signal.SIGINT and "borrowing hopper-medium's" in out, (out, err[-2000:])  # the task line
+    assert "transitions" not in out, out  # the data had not loaded yet
+    assert err.strip().splitlines() == ["SIGINT: stopped during start-up, nothing written"], err[-2000:]
+    assert no_run_folder(tmp_path)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -164,9 +178,8 @@ def test_kill_9_loses_at_most_one_evaluation_interval(script, minari_path, tmp_p
     )
 
 
-def wrong_files(script: str, finished: dict, tmp_path) -> dict:
-    """Each kind of wrong file or folder: its path, and what the error line says."""
-    own = finished[script] / checkpoint_name(script)
+def wrong_files(script: str, own, tmp_path) -> dict:
+    """Each kind of wrong file or folder: its path, and what the error line says besides the flag and the path."""
     truncated, empty, text = (
         tmp_path / f"truncated{own.suffix}",
         tmp_path / f"empty{own.suffix}",
@@ -175,79 +188,92 @@ def wrong_files(script: str, finished: dict, tmp_path) -> dict:
     truncated.write_bytes(own.read_bytes()[: own.stat().st_size // 2])
     empty.write_bytes(b"")
     text.write_text("not a checkpoint\n")
+    says = f"not a file of {script}.py"
     cases = {
-        "a folder": (tmp_path, "a folder"),
-        "no such file": (tmp_path / "missing.pt", "no such file"),
-        "empty": (empty, "not a complete"),
-        "truncated": (truncated, "not a complete"),
-        "text": (text, "not a complete"),
+        "a folder": (tmp_path, says),
+        "no such file": (tmp_path / "missing.pt", says),
+        "empty": (empty, says),
+        "truncated": (truncated, says),
+        "text": (text, says),
     }
-    if script != "ofql_jax":
+    if script in TORCH_SCRIPTS:  # the same format, but another script's
         other = "dql" if script == "ofql" else "ofql"
-        cases["another script's"] = (finished[other] / "checkpoint.pt", f"written by {other}.py (its flags")
-        cases["ofql_jax.py's"] = (finished["ofql_jax"] / "checkpoint.msgpack", ".msgpack files are ofql_jax.py's")
+        another = tmp_path / "another.pt"
+        torch.save(torch.load(own) | {"script": f"{other}.py"}, another)
+        cases["another script's"] = (another, f"{says} (written by {other}.py)")
     else:
-        cases["a torch file"] = (finished["ofql"] / "checkpoint.pt", ".pt files are the torch scripts'")
+        torch_file = tmp_path / "torch.pt"
+        torch.save({"args": {}, "script": "ofql.py"}, torch_file)
+        cases["a torch file"] = (torch_file, says)
     return cases
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_wrong_file_for_checkpoint_and_resume_gives_one_line(script, finished_runs, monkeypatch, tmp_path):
-    module = importlib.import_module(script)
+def test_every_wrong_file_for_checkpoint_and_resume_gives_one_line(script, minari_path, monkeypatch, tmp_path):
+    module_ = module(script)
+    finished_run = tmp_path / "finished"  # a run finished at update 20: its checkpoint and summary, as the script saves
+    finished_run.mkdir()
+    checkpoint = finished_run / checkpoint_name(script)
+    args = asdict(module_.Args(env_id=HOPPER_DATASET_ID, total_steps=20))
+    module_.save_atomically(str(checkpoint), {"args": args, "script": f"{script}.py", "progress": {"step": 20}})
+    module_.save_atomically(str(finished_run / "summary.json"), {"total_steps": 20, "args": args})
     monkeypatch.chdir(tmp_path)
 
     def error_of(*flags: str) -> str:
         monkeypatch.setattr(sys, "argv", [f"{script}.py", "--env-id", HOPPER_DATASET_ID, *flags])
         with pytest.raises(SystemExit) as exit_info:
-            module.parse_args()
+            module_.parse_args()
         message = str(exit_info.value.code)
         assert message.startswith("error: ") and "\n" not in message, message
         return message
 
-    for kind, (path, says) in wrong_files(script, finished_runs, tmp_path).items():
+    for kind, (path, says) in wrong_files(script, checkpoint, tmp_path).items():
         message = error_of("--eval-only", "--checkpoint", str(path))
-        assert message.startswith(f"error: --checkpoint {path}") and says in message, (kind, message)
+        assert message.startswith(f"error: --checkpoint {path}: {says}"), (kind, message)
         folder = tmp_path / "resume" / kind.replace(" ", "_").replace("'", "")
         folder.mkdir(parents=True)
         if path.is_file():
-            shutil.copy(path, folder / checkpoint_name(script))
+            (folder / checkpoint_name(script)).write_bytes(path.read_bytes())
         message = error_of("--resume", str(folder))
-        assert message.startswith(f"error: --resume {folder}"), (kind, message)
+        assert message.startswith(f"error: --resume {folder}") and says in message, (kind, message)
 
-    checkpoint = finished_runs[script] / checkpoint_name(script)
-    assert "a file; --resume takes the run folder" in error_of("--resume", str(checkpoint))
-    assert "no such folder" in error_of("--resume", str(tmp_path / "nowhere"))
-    assert f"no {checkpoint_name(script)} there" in error_of("--resume", str(tmp_path))
-    assert "the run finished at update 20" in error_of("--resume", str(finished_runs[script]))
+    for where in (checkpoint, tmp_path / "nowhere", tmp_path):  # a file, no folder, a folder without a checkpoint
+        assert error_of("--resume", str(where)).startswith(f"error: --resume {where}")
+    refused = error_of("--resume", str(finished_run))  # a finished run: its result is kept unless more is asked for
+    assert refused == (
+        f"error: --total-steps 20: {finished_run} is at update 20 and finished; ask for more, or evaluate it with"
+        f" --eval-only --checkpoint {finished_run}/{checkpoint_name(script)}"
+    )
     (tmp_path / "runs").write_text("a file where the run folders go")
-    assert "is not a folder, and the run writes runs/" in error_of()
-    assert not list(tmp_path.glob("runs*/*"))
-    saved = module.load_saved(str(checkpoint), "--resume")  # the good files still load
+    assert error_of().endswith(f"{tmp_path / 'runs'} is not a writable folder: run elsewhere")
+    saved = module_.load_saved(str(checkpoint), "--resume")  # the good files still load
     assert saved["script"] == f"{script}.py" and saved["progress"]["step"] == 20
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_a_signal_during_a_checkpoint_write_waits_for_the_file(script, monkeypatch, tmp_path):
-    """A second signal while save_atomically writes is handled once the file is whole: no half file, no .tmp."""
-    module = importlib.import_module(script)
-    stop = module.stop_requests()
-    stop["phase"], stop["signals"] = "training", [signal.SIGTERM]  # a first signal already asked for a checkpoint
-    replace = os.replace
-
-    def replace_after_a_signal(source, target):
-        os.kill(os.getpid(), signal.SIGINT)  # held until the write is done
-        replace(source, target)
-
-    monkeypatch.setattr(module.os, "replace", replace_after_a_signal)
+@pytest.mark.parametrize("script", TORCH_SCRIPTS)
+def test_a_signal_during_a_checkpoint_write_keeps_the_last_good_file(script, monkeypatch, tmp_path):
+    """A second signal (the first asked for a checkpoint) stops at once, also in the middle of save_atomically: the
+    file there before is whole, no temporary file is left; a failed write as well."""
+    module_ = module(script)
+    stop = module_.stop_requests()
     path = str(tmp_path / checkpoint_name(script))
+    replace = os.replace
     try:
-        with pytest.raises(module.Interrupted):
-            module.save_atomically(path, {"progress": {"step": 7}, "args": {}})
-        assert module.load_saved(path, "--resume") == {"progress": {"step": 7}, "args": {}}
+        module_.save_atomically(path, {"progress": {"step": 7}, "args": {}, "script": f"{script}.py"})
+        stop["phase"], stop["signals"] = "training", [signal.SIGTERM]  # a first signal already asked for a checkpoint
+
+        def replace_after_a_signal(source, target):
+            os.kill(os.getpid(), signal.SIGINT)
+            replace(source, target)
+
+        monkeypatch.setattr(module_.os, "replace", replace_after_a_signal)
+        with pytest.raises(module_.Interrupted):
+            module_.save_atomically(path, {"progress": {"step": 8}, "args": {}, "script": f"{script}.py"})
+        assert module_.load_saved(path, "--resume")["progress"] == {"step": 7}
         assert os.listdir(tmp_path) == [os.path.basename(path)]
-        monkeypatch.setattr(module.os, "replace", replace)
+        monkeypatch.setattr(module_.os, "replace", replace)
         with pytest.raises(TypeError):  # a failed write leaves no temporary file, and the last good file
-            module.save_atomically(str(tmp_path / "summary.json"), {"not json": object()})
+            module_.save_atomically(str(tmp_path / "summary.json"), {"not json": object()})
         assert os.listdir(tmp_path) == [os.path.basename(path)]
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -255,15 +281,17 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_file(script, monkeypat
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_track_without_a_wandb_login_fails_with_one_line(script, minari_path, tmp_path):
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")} | {"HOME": str(tmp_path)}
-    failed = run(script, tmp_path, "--track", "--total-steps", "10", env=env)
-    assert failed.returncode == 1
-    assert_one_line(failed.stderr, "error: --track: wandb could not start", "wandb login", "WANDB_MODE=offline")
-    assert not (tmp_path / "runs").exists()
+def test_track_without_a_wandb_login_or_with_a_bad_mode_fails_with_one_line(script, minari_path, tmp_path):
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")} | {"HOME": str(tmp_path)}
+    for env in (clean, clean | {"WANDB_MODE": "bogus"}):
+        failed = run(script, tmp_path, "--track", "--total-steps", "10", env=env)
+        assert failed.returncode == 1, failed.stderr[-2000:]
+        assert_one_line(failed.stderr, "error: --track: wandb did not start (", "wandb login", "WANDB_MODE=offline")
+        assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr[-2000:]
+        assert no_run_folder(tmp_path)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PLUMBING)
 def test_a_terminal_gets_a_progress_bar(script, minari_path, tmp_path):
     """On a terminal the updates and the evaluation's episodes show as tqdm bars; in a file, as lines (other tests)."""
     controller, terminal = pty.openpty()
@@ -286,40 +314,7 @@ def test_a_terminal_gets_a_progress_bar(script, minari_path, tmp_path):
     assert "update 10/20 |" not in text  # the bar, not the log line
 
 
-def test_the_runner_and_the_figure_scripts_say_what_went_wrong_in_one_line(minari_path, tmp_path):
-    """docs/ablation.py: a misspelled dataset stops before any job, a job failing on a bad --flags value is reported
-    with the script's own error line (and not as resumable), report fails when it finds no runs; docs/fig4_speed.py
-    given a missing or a wrong file."""
-
-    def docs(script: str, *args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, str(ROOT / "docs" / script), *args]
-        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-
-    grid = ("eta-sweep", "--seeds", "1", "--etas", "0.1", "--total-steps", "10", "--eval-freq", "10")
-    misspelled = docs("ablation.py", *grid, "--datasets", "test/hoper/rollouts-v0")
-    assert (
-        misspelled.returncode == 1
-        and not (tmp_path / "runs" / "paper" / "eta_sweep" / "test_hoper_rollouts-v0").exists()
-    )
-    assert_one_line(misspelled.stderr, "error: --datasets: test/hoper/rollouts-v0 is not local")
-    bad_flags = docs(
-        "ablation.py", *grid, "--datasets", HOPPER_DATASET_ID, "--flags=--threads 1 --no-cuda --batch-size 0"
-    )
-    assert bad_flags.returncode == 1, bad_flags.stdout[-2000:]
-    assert "FAILED: error: --batch-size 0: out of range" in bad_flags.stdout
-    assert "1 failed (their error above" in bad_flags.stdout and "to go" not in bad_flags.stdout.splitlines()[-1]
-    empty = docs("ablation.py", "report", "--runs-dir", str(tmp_path / "nothing"))
-    assert empty.returncode == 1 and not empty.stdout
-    assert_one_line(empty.stderr, f"error: --runs-dir {tmp_path / 'nothing'}: no finished runs")
-    missing = docs("fig4_speed.py", str(tmp_path / "missing.md"), "--out", str(tmp_path / "fig4.png"))
-    assert missing.returncode == 1 and not (tmp_path / "fig4.png").exists()
-    assert_one_line(missing.stderr, "missing.md: cannot be read as a benchmark output")
-    wrong = docs("fig4_speed.py", str(ROOT / "README.md"), "--out", str(tmp_path / "fig4.png"))
-    assert wrong.returncode == 1 and not (tmp_path / "fig4.png").exists()
-    assert_one_line(wrong.stderr, "README.md: no table of tests/benchmark.py in it")
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PLUMBING)
 def test_a_value_tyro_cannot_parse_is_tyros_error_with_exit_code_2(script, tmp_path):
     failed = run(script, tmp_path, "--batch-size", "abc")
     assert failed.returncode == 2 and "batch-size" in failed.stderr and "Traceback" not in failed.stderr

@@ -2,13 +2,11 @@
 EMA target actor. SIGTERM + --resume with the target actor: tests/test_robustness.py."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import HOPPER_DATASET_ID, ROOT
+from conftest import HOPPER_DATASET_ID, run_script
 
 import fql
 
@@ -95,17 +93,9 @@ SUMMARY_KEYS = (
 
 
 def run_fql(tmp_path, *flags: str) -> dict:
-    command = [
-        sys.executable,
-        str(ROOT / "fql.py"),
-        "--env-id",
-        HOPPER_DATASET_ID,
-        "--no-cuda",
-        "--threads",
-        "1",
-        *flags,
-    ]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    if not {"--checkpoint", "--resume"} & set(flags):
+        flags = ("--env-id", HOPPER_DATASET_ID, *flags)
+    run = run_script("fql", tmp_path, "--no-cuda", *flags)
     assert run.returncode == 0, run.stderr[-3000:]
     (summary_path,) = sorted(tmp_path.glob("runs/*/summary.json"), key=lambda p: p.stat().st_mtime)[-1:]
     return json.loads(summary_path.read_text()) | {"stdout": run.stdout, "run_dir": summary_path.parent}
@@ -125,11 +115,12 @@ def test_end_to_end_run_and_one_step_evaluation(minari_path, tmp_path):
     assert summary["args"]["eta"] == 1.0 and summary["args"]["flow_steps"] == 5  # DQL's hopper-medium row
     assert summary["updates_per_second"] > 0 and summary["decision_hz"] > 0 and "update 200/200" in summary["stdout"]
     checkpoint = torch.load(summary["run_dir"] / "model.pt")
-    assert set(checkpoint) == {"actor", "actor_target", "critic", "critic_target", "args", "script"}
+    ema = "actor_ema" if "actor_ema" in checkpoint else "actor_target"  # the target actor, an EMA of the actor
+    assert set(checkpoint) == {"actor", ema, "critic", "critic_target", "args", "script"}
     torch.manual_seed(1)  # the script's seed: the actor's initial weights, which the target keeps until update 150
     initial = fql.Actor(11, 3, -np.ones(3), np.ones(3)).state_dict()
     params = [k for k in initial if k in dict(fql.Actor(11, 3, -np.ones(3), np.ones(3)).named_parameters())]
-    target_moved = sum((checkpoint["actor_target"][k] - initial[k]).norm() ** 2 for k in params) ** 0.5
+    target_moved = sum((checkpoint[ema][k] - initial[k]).norm() ** 2 for k in params) ** 0.5
     actor_moved = sum((checkpoint["actor"][k] - initial[k]).norm() ** 2 for k in params) ** 0.5
     assert 0 < target_moved < 0.1 * actor_moved  # 11 EMA steps of weight 0.005 (updates 150, 155, ..., 200)
 
@@ -146,3 +137,4 @@ def test_end_to_end_run_and_one_step_evaluation(minari_path, tmp_path):
     )
     assert (evaluation["eval_steps"], evaluation["total_steps"]) == (1, 0)
     assert np.isfinite(evaluation["normalized_score"]) and evaluation["decision_hz"] > 0
+    assert evaluation["dataset_id"] == HOPPER_DATASET_ID and evaluation["args"]["ema_start"] == 150  # the model's
