@@ -10,7 +10,8 @@ plan, its estimated GPU-hours and the D4RL files missing before anything starts.
 own CLI in its own folder (<runs-dir>/<grid>/<dataset>/<method>/seed<k>/, or seeds<a>-<b>/ for one ofql_jax.py
 --num-seeds run of them all with --batch-seeds), submitted through submitit: --executor local runs --jobs at a time
 here, --executor slurm submits them with sbatch. Runs checkpoint every --eval-freq updates: run the same command again
-after an interruption and it skips finished runs and resumes the others from their checkpoints. `report` reads the run
+after an interruption and it skips finished runs and resumes the others from their checkpoints (a Ctrl-C or SIGTERM
+to the runner stops each run once, at a checkpoint; the runner exits 128 + the signal). `report` reads the run
 folders and writes, per dataset, a figure of learning curves (mean +- std across seeds) and a markdown table of final
 (--final-eval-episodes, 150 by default) and best scores, mean +- std across seeds; for the sweep, one figure of score
 against eta; for table1, table1.md.
@@ -69,6 +70,11 @@ ETA_GRID = (0.001, 0.01, 0.1, 0.3, 0.5)  # the paper's grid, swept with the pape
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.msgpack")  # the torch scripts', ofql_jax.py's
 GRIDS = ("ablation", "eta_sweep", "table1")
 NO_EXIT_CODE = -1
+ARGUMENT_ERROR = 2  # the exit code of argparse's and tyro's errors: a flag a script does not take
+INF = float("inf")
+# the grids' numeric flags: (lowest, highest); seeds in the scripts' range
+RANGES = {"jobs": (1, INF), "total_steps": (1, INF), "eval_freq": (1, INF), "timeout_min": (1, INF)}
+RANGES |= {"gpus_per_job": (0, INF), "cpus_per_job": (1, INF), "seeds": (0, 2**32 - 1), "etas": (0, INF)}
 
 
 @dataclass
@@ -249,7 +255,11 @@ def dataset_reference(dataset: str, path: str):
     dataset_id = ofql.resolve_dataset_id(dataset)
     data = ofql.load_dataset(dataset_id)
     returns = np.array([episode.rewards.sum() for episode in data.iterate_episodes()])
-    ref_min, ref_max = ofql.reference_scores(data, dataset_id, ofql.task_name(dataset).split("-")[0])
+    meta = data.storage.metadata  # D4RL's returns for its domains, else the dataset's own: as the scripts score
+    domain = ofql.task_name(dataset).split("-")[0]
+    ref_min, ref_max = ofql.D4RL_REF_SCORES.get(domain) or (meta.get("ref_min_score"), meta.get("ref_max_score"))
+    if ref_min is None or ref_max is None:
+        raise ValueError(f"{dataset_id}: no D4RL reference returns for {domain!r} and none in its metadata")
     scores = 100 * (returns - ref_min) / (ref_max - ref_min)
     info = {"dataset_id": dataset_id, "episodes": len(returns), "normalized_score": float(scores.mean())}
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -334,10 +344,11 @@ def exit_code(engine_job) -> int:
 def run_jobs(jobs: list[Job], num_parallel: int, executor, group: str):
     """Submit the unfinished jobs to the engine, num_parallel at a time, an evaluation once its training run finished.
     SIGINT or SIGTERM is passed on to each running job once (local: SIGTERM; SLURM: scancel), and the scripts
-    checkpoint and stop; the next call resumes them."""
+    checkpoint and stop; the next call resumes them. The exit code: 128 + the signal, else 1 if any run is not done."""
     pending = [job for job in jobs if not done(job)]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs done; {len(pending)} to go, {num_parallel} at a time")
     running: dict = {}  # submitit job -> Job
+    codes = {}  # folder -> the script's exit code, for the summary
     stopping, forwarded = [], False
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
@@ -361,7 +372,8 @@ def run_jobs(jobs: list[Job], num_parallel: int, executor, group: str):
                     engine_job.cancel(check=False)  # scancel: SIGTERM to the script
         for engine_job in [engine_job for engine_job in running if engine_job.done()]:
             job = running.pop(engine_job)
-            status = job_status(job, exit_code(engine_job))
+            codes[job.folder] = exit_code(engine_job)
+            status = job_status(job, codes[job.folder])
             print(f"[{time.time() - start:6.0f} s] {status}: {job.folder}", flush=True)
         if pending and not ready and not running:
             print(
@@ -372,21 +384,29 @@ def run_jobs(jobs: list[Job], num_parallel: int, executor, group: str):
             break
         time.sleep(1)
     left = [job for job in jobs if not done(job)]
-    failed = [job for job in left if job_status(job).startswith("FAILED")]
+    failed = [job for job in left if job_status(job, codes.get(job.folder)).startswith("FAILED")]
     line = f"{len(jobs) - len(left)} of {len(jobs)} runs done"
     if failed:
         line += f"; {len(failed)} failed (their error above, and in their log.txt): fix that, then run the same command"
     if len(left) > len(failed):
         line += f"; {len(left) - len(failed)} to go: run the same command to resume them"
     print(line)
-    return 1 if failed or (left and not stopping) else 0
+    if stopping:  # as a process killed by it: a caller's loop or shell sees the stop
+        return 128 + stopping[0]
+    return 1 if failed or left else 0
 
 
 def job_status(job: Job, returncode: int | None = None) -> str:
-    """done; interrupted (stopped by a signal, resumable from its checkpoint); not started; or FAILED with the
-    script's own error line."""
+    """done; FAILED with the script's own error line (a bad flag is no run to resume); interrupted (stopped by a
+    signal, resumable from its checkpoint); not started."""
     if done(job):
         return "done"
+    log = os.path.join(job.folder, "log.txt")
+    error = error_line(log)
+    if error:
+        return f"FAILED: {error}"
+    if returncode == ARGUMENT_ERROR:
+        return f"FAILED (exit code {returncode}: a flag the script does not take, see {log})"
     last = run_dir(job.folder)
     summary = os.path.join(last, "summary.json") if last else ""
     if os.path.isfile(summary):
@@ -394,10 +414,6 @@ def job_status(job: Job, returncode: int | None = None) -> str:
             stopped_at = json.load(f).get("interrupted_at_step")
         if stopped_at is not None and (returncode is None or returncode > 128):
             return f"interrupted at update {stopped_at}, resumable (run the same command)"
-    log = os.path.join(job.folder, "log.txt")
-    errors = [line.strip() for line in open(log) if line.startswith("error:")] if os.path.isfile(log) else []
-    if errors:
-        return f"FAILED: {errors[-1]}"
     if returncode is not None and returncode > 128:  # stopped in start-up, before anything was saved
         return f"interrupted before its first update ({signal.Signals(returncode - 128).name}): run the same command"
     if returncode == NO_EXIT_CODE:
@@ -407,6 +423,18 @@ def job_status(job: Job, returncode: int | None = None) -> str:
     if returncode is not None:
         return f"FAILED (exit code {returncode}, see {log})"
     return "not run yet"
+
+
+def error_line(log: str) -> str | None:
+    """The error of the log's last run: the script's `error: ...` line, or the first line of tyro's box around a
+    flag it cannot parse (`Unrecognized options: --x`)."""
+    if not os.path.isfile(log):
+        return None
+    with open(log, errors="replace") as f:
+        lines = f.read().rsplit("\n$ ", 1)[-1].splitlines()[1:]  # after the last command line
+    errors = [line.strip() for line in lines if line.startswith("error:")]
+    boxed = [line.strip("│ \t") for line in lines if line.startswith("│")]
+    return errors[-1] if errors else f"error: {boxed[0]}" if boxed and boxed[0] else None
 
 
 # REPORT: from the run folders alone
@@ -552,6 +580,48 @@ def report_table1(base: str, out: str):
     print(f"\nTable 1, OFQL ({os.path.join(out, 'table1.md')}); mean +- std across seeds:\n" + "\n".join(rows))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's, its errors in one line (its usage block is long; -h shows it)."""
+
+    def error(self, message: str):
+        self.exit(ARGUMENT_ERROR, f"error: {message}\n")
+
+
+def check_args(args):
+    """Every numeric flag in range, the flags that go together, and the folder the command writes in; ValueError
+    naming the flag. All before anything is read or written."""
+    if args.command == "report":
+        check_folder("--out", args.out or os.path.join(args.runs_dir, "report"))
+        return
+    for flag, (low, high) in RANGES.items():
+        values = getattr(args, flag, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not low <= value <= high:  # NaN is in no range
+                bound = f">= {low}" if high == INF else f"in [{low}, {high}]"
+                raise ValueError(f"--{flag.replace('_', '-')} {value}: out of range, must be {bound}")
+    if args.batch_seeds and args.seeds != list(range(args.seeds[0], args.seeds[0] + len(args.seeds))):
+        raise ValueError(f"--batch-seeds trains seeds s, s + 1, ... in one run: --seeds "
+                         f"{' '.join(map(str, args.seeds))} are not consecutive")  # fmt: skip
+    if args.batch_seeds and getattr(args, "script", "ofql_jax.py") != "ofql_jax.py":
+        raise ValueError("--batch-seeds trains the seeds in one ofql_jax.py --num-seeds run: use --script ofql_jax.py")
+    check_folder("--runs-dir", args.runs_dir)
+
+
+def check_folder(flag: str, path: str):
+    """A folder to write in: one, or one that can be made there, and writable."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    problem = (
+        f"a file; {flag} takes a folder" if os.path.isfile(path)
+        else f"{folder} is a file" if not os.path.isdir(folder)
+        else f"cannot write in {folder}" if not os.access(folder, os.W_OK | os.X_OK)
+        else None
+    )  # fmt: skip
+    if problem:
+        raise ValueError(f"{flag} {path}: {problem}")
+
+
 def add_engine_flags(grid: argparse.ArgumentParser):
     engine = grid.add_argument_group("engine (submitit)")
     engine.add_argument("--executor", choices=["local", "slurm"], default="local",
@@ -566,7 +636,7 @@ def add_engine_flags(grid: argparse.ArgumentParser):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("ablation", "eta-sweep", "table1"):
         grid = commands.add_parser(name, help=f"train and evaluate the {name} grid (skips finished runs)")
@@ -597,6 +667,10 @@ def main():
     report.add_argument("--runs-dir", default="runs/paper")
     report.add_argument("--out", help="folder for the figures (default: <runs-dir>/report; docs: the committed ones)")
     args = parser.parse_args()
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
 
     if args.command == "report":
         found = found_runs(args.runs_dir)
@@ -611,13 +685,6 @@ def main():
             if os.path.isdir(os.path.join(args.runs_dir, grid)):
                 make_report(os.path.join(args.runs_dir, grid), out)
         return 0
-    if args.jobs < 1 or (args.total_steps is not None and args.total_steps < 1) or args.eval_freq < 1:
-        parser.error("--jobs, --total-steps and --eval-freq must be >= 1")
-    if args.batch_seeds and args.seeds != list(range(args.seeds[0], args.seeds[0] + len(args.seeds))):
-        parser.error(f"--batch-seeds trains seeds s, s + 1, ... in one run: --seeds {' '.join(map(str, args.seeds))} "
-                     "are not consecutive")  # fmt: skip
-    if args.batch_seeds and getattr(args, "script", "ofql_jax.py") != "ofql_jax.py":
-        parser.error("--batch-seeds trains the seeds in one ofql_jax.py --num-seeds run: use --script ofql_jax.py")
     grid = {"ablation": "ablation", "eta-sweep": "eta_sweep", "table1": "table1"}[args.command]
     check_engine(args)
     try:  # every dataset checked (and its reference level written) before any job starts
@@ -653,4 +720,8 @@ def found_runs(runs_dir: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before run_jobs takes the signals over: no job started
+        print("stopped by SIGINT", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -10,9 +10,9 @@ of updates for both. Distance: sliced Wasserstein-1 (fixed, seeded projections) 
 between two independent target samples is printed as the floor of what a perfect sampler would score.
 
 Usage:
-    python docs/fig3_toy.py                                  # the figure: docs/fig3_toy.png (10000 updates, ~2.5 min)
-    python docs/fig3_toy.py --quick --out /tmp/fig.png       # a small budget, for the test (seconds)
-    python docs/fig3_toy.py --steps 10000 --samples 8000 --seed 1
+    python docs/fig3_toy.py --out docs/fig3_toy.png          # the committed figure (10000 updates, ~2.5 min)
+    python docs/fig3_toy.py --quick                          # a small budget, for the test (seconds): ./fig3_toy.png
+    python docs/fig3_toy.py --steps 10000 --samples 8000 --seed 1 --out /tmp/fig.png
 Needs matplotlib: pip install -e ".[plot]".
 """
 
@@ -43,8 +43,8 @@ class Args:
     """samples per panel, and in the target sample each is compared with"""
     seed: int = 0
     """seed for the networks, the training data, the samples and the projections"""
-    out: str = os.path.join(ROOT, "docs", "fig3_toy.png")
-    """where the PNG goes"""
+    out: str = "fig3_toy.png"
+    """where the figure goes (its suffix: the format); the committed one: --out docs/fig3_toy.png"""
     quick: bool = False
     """a small budget (300 updates, 1000 samples) that runs in seconds; for the test"""
     hidden_dim: int = 256
@@ -55,9 +55,42 @@ class Args:
     """torch CPU threads"""
 
 
+INF = float("inf")
+RANGES = {"steps": (1, INF), "samples": (1, INF), "seed": (0, 2**32 - 1), "hidden_dim": (1, INF)}
+RANGES |= {"batch_size": (1, INF), "threads": (1, INF)}  # torch takes no 0 threads
 EULER_STEPS = (1, 2, 5, 10)
 OBS_DIM, ACTION_DIM = 1, 2
 LOW, HIGH = -np.ones(ACTION_DIM), np.ones(ACTION_DIM)
+
+
+def check_args(args: Args):
+    """Every numeric flag in range and --out writable as an image, before the run: ValueError naming the flag."""
+    for flag, (low, high) in RANGES.items():
+        value = getattr(args, flag)
+        if not low <= value <= high:
+            bound = f">= {low}" if high == INF else f"in [{low}, {high}]"
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: out of range, must be {bound}")
+    check_out(args.out)
+
+
+def check_out(path: str):
+    """--out: a format matplotlib writes, in a folder that is one or can be made, and writable."""
+    formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix[1:] not in formats:
+        what = f"{suffix} is not an image format matplotlib writes" if suffix else "no suffix to name its format"
+        raise ValueError(f"--out {path}: {what}; use one of {', '.join('.' + name for name in formats)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the missing folders are made at the end
+        folder = os.path.dirname(folder)
+    problem = (
+        "a folder" if os.path.isdir(path)
+        else f"{folder} is a file" if not os.path.isdir(folder)
+        else f"cannot write in {folder}" if not os.access(folder, os.W_OK | os.X_OK)
+        else None
+    )  # fmt: skip
+    if problem:
+        raise ValueError(f"--out {path}: {problem}; name an image file in a folder you can write to")
 
 
 def ring(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -94,7 +127,7 @@ def flow_matching(actor, obs, actions, noise):
 
 
 def mean_flow(actor, obs, actions, noise):
-    t, r = ofql.sample_time_pairs(obs.shape[0], 0.5, -0.4, 1.0, torch.device("cpu"))  # the paper's pairs
+    t, r = ofql.sample_time_pairs(obs.shape[0], flow_ratio=0.5, acting_ratio=0.0, device="cpu")  # the paper's
     return ofql.mean_flow_loss(actor, obs, actions, t, r, noise)
 
 
@@ -113,6 +146,10 @@ def plot(panels: list[tuple[str, torch.Tensor]], path: str):
 
 def main():
     args = tyro.cli(Args)
+    try:
+        check_args(args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     if args.quick:
         args.steps, args.samples = 300, 1000
     torch.set_num_threads(args.threads)

@@ -12,6 +12,7 @@ Needs matplotlib: pip install -e ".[plot]".
 """
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -46,11 +47,35 @@ def read_benchmark(path: str) -> tuple[str, list[tuple[str, float, float]]]:
     return title or path, rows
 
 
+def check_out(path: str):
+    """--out: a format matplotlib writes, in a folder that is one or can be made, and writable."""
+    formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix[1:] not in formats:
+        what = f"{suffix} is not an image format matplotlib writes" if suffix else "no suffix to name its format"
+        raise ValueError(f"--out {path}: {what}; use one of {', '.join('.' + name for name in formats)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the missing folders are made at the end
+        folder = os.path.dirname(folder)
+    problem = (
+        "a folder" if os.path.isdir(path)
+        else f"{folder} is a file" if not os.path.isdir(folder)
+        else f"cannot write in {folder}" if not os.access(folder, os.W_OK | os.X_OK)
+        else None
+    )  # fmt: skip
+    if problem:
+        raise ValueError(f"--out {path}: {problem}; name an image file in a folder you can write to")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="benchmark outputs, one machine each")
-    parser.add_argument("--out", default="docs/fig4_speed.png")
+    parser.add_argument("--out", default="fig4_speed.png", help="the figure; its suffix names the format")
     args = parser.parse_args()
+    try:  # before the inputs are read
+        check_out(args.out)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
     machines = [read_benchmark(path) for path in args.inputs]
     for path, (_, rows) in zip(args.inputs, machines, strict=True):
@@ -82,6 +107,7 @@ def main():
                             textcoords="offset points", va="center", fontsize=8)  # fmt: skip
             ax.margins(x=0.25)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
 

@@ -67,7 +67,7 @@ def run_once(name: str, args) -> dict | None:
             str(args.updates),
         ]
         # a multiple of --updates: no periodic evaluation, and ofql_jax.py keeps its updates per call (a gcd with it)
-        cmd += ["--eval-freq", str(2 * args.updates), "--final-eval-episodes", "1", "--max-eval-envs", "1"]
+        cmd += ["--eval-freq", str(2 * args.updates), "--final-eval-episodes", "1"]
         cmd += shlex.split(args.extra_flags) if script != "ofql_jax" else []
     with tempfile.TemporaryDirectory(prefix=f"benchmark_{name.replace(' ', '_')}_") as cwd:
         code, rss_mib = run_child(cmd + common, cwd)
