@@ -109,7 +109,7 @@ class Args:
     lr: float | None = None
     """learning rate of the actor"""
     eta: float | None = None
-    """weight of the normalized Q term in the actor loss (Eq. 8)"""
+    """weight of the normalized Q term in the actor loss"""
     max_q_backup: bool | None = None
     """critic target: max over 10 next actions, min over critics"""
     reward_tune: Literal["none", "cql", "normalize"] | None = None
@@ -129,11 +129,11 @@ class Args:
     eval_steps: int | None = None
     """denoising steps at evaluation (None: T; ddpm always takes all T)"""
     ema_decay: float = 0.995
-    """decay of the EMA target actor (Eq. 7)"""
+    """decay of the actor's EMA (DQL's target actor, Eq. 7)"""
     ema_start: int = 1000
     """the target actor keeps its initial weights until this update"""
     ema_every: int = 5
-    """the target actor updates every this many updates"""
+    """the EMA updates every this many updates"""
 
 
 # Per-task defaults, all DQL's (its main.py; updates are epochs x 1000).
@@ -163,13 +163,13 @@ TASKS = {
 
 
 def row_defaults(args: Args, row: str) -> dict:
-    """The task row's values; first, --eval-steps: at most T, all T for ddpm."""
+    """The task row's values and --eval-steps (None: T), checked: at most T, all for ddpm."""
     steps, T = args.eval_steps or 0, args.diffusion_steps  # below 1: RANGES
     if steps > T:
         raise ValueError(f"--eval-steps {steps}: must be in [1, diffusion_steps]")
     if 0 < steps < T and args.eval_sampler == "ddpm":
         raise ValueError(f"--eval-steps {steps}: ddpm takes all T = {T} steps; fewer need --eval-sampler ddim")
-    return dict(zip(TASK_FIELDS, TASKS[row], strict=True))
+    return dict(zip(TASK_FIELDS, TASKS[row], strict=True)) | {"eval_steps": T}
 
 
 # ALGO LOGIC: networks, DDPM and DDIM sampling, the diffusion loss, the update, action selection
@@ -339,8 +339,7 @@ def update(networks, optimizers, args, obs, actions, rewards, next_obs, terminal
 
 
 def update_actor_target(networks: dict, step: int, args: Args):
-    """The EMA target actor (Eq. 7), every `ema_every` updates from `ema_start`; before
-    that, its initial weights."""
+    """The EMA target actor (Eq. 7) from `ema_start`; until then its initial weights."""
     if step >= args.ema_start and step % args.ema_every == 0:
         with torch.no_grad():
             params = list(networks["actor"].parameters())
@@ -350,9 +349,8 @@ def update_actor_target(networks: dict, step: int, args: Args):
 
 @torch.no_grad()
 def diagnostics(networks: dict, data: dict, args: Args, step: int) -> dict:
-    """What the Q term does, on a batch of its own (training's RNG untouched): q_gap,
-    Q1 of the policy's actions minus the data's; action_mse, their distance; q_grad_ratio,
-    |grad q_loss| / |grad bc_loss| (times eta: the Q term's pull beside BC's)."""
+    """What the Q term does, on a batch of its own: Q1 of the policy's actions minus
+    the data's, their distance, |grad q_loss| / |grad bc_loss|."""
     actor, critic, device = networks["actor"], networks["critic"], data["obs"].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + step)
@@ -930,7 +928,6 @@ def save_atomically(path: str, content: dict):
 if __name__ == "__main__":
     stop = stop_requests()  # SIGINT, SIGTERM: see its phases
     args, saved, dataset_id, run_dir = parse_args()
-    args.eval_steps = args.eval_steps or args.diffusion_steps  # None: all T
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)

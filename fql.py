@@ -109,7 +109,7 @@ class Args:
     lr: float | None = None
     """learning rate of the actor"""
     eta: float | None = None
-    """weight of the normalized Q term in the actor loss (Eq. 8)"""
+    """weight of the normalized Q term in the actor loss"""
     max_q_backup: bool | None = None
     """critic target: max over 10 next actions, min over critics"""
     reward_tune: Literal["none", "cql", "normalize"] | None = None
@@ -127,11 +127,11 @@ class Args:
     eval_steps: int | None = None
     """Euler steps at evaluation (None: K; 1: the paper's "FQL (1)")"""
     ema_decay: float = 0.995
-    """decay of the EMA target actor (Eq. 7)"""
+    """decay of the actor's EMA (DQL's target actor, Eq. 7)"""
     ema_start: int = 1000
     """the target actor keeps its initial weights until this update"""
     ema_every: int = 5
-    """the target actor updates every this many updates"""
+    """the EMA updates every this many updates"""
 
 
 # Per-task defaults, all DQL's (its main.py; updates are epochs x 1000).
@@ -161,8 +161,8 @@ TASKS = {
 
 
 def row_defaults(args: Args, row: str) -> dict:
-    """The task row's values (FQL has no paper variant)."""
-    return dict(zip(TASK_FIELDS, TASKS[row], strict=True))
+    """The task row's values, --eval-steps K (FQL has no paper variant)."""
+    return dict(zip(TASK_FIELDS, TASKS[row], strict=True)) | {"eval_steps": args.flow_steps}
 
 
 # ALGO LOGIC: networks, Euler sampling, flow matching, the update, the target actor, action selection
@@ -190,7 +190,7 @@ def time_mlp(t_dim: int = 16) -> nn.Sequential:
 class Actor(nn.Module):
     """Velocity v(a_t, t; s): DQL's MLP, with continuous t in [0, 1]."""
 
-    def __init__(self, obs_dim, action_dim, low, high, hidden_dim=256, t_dim=16):
+    def __init__(self, obs_dim, action_dim, low, high, flow_steps=5, hidden_dim=256, t_dim=16):
         super().__init__()
         self.t_mlp = time_mlp(t_dim)
         self.mid_layer = nn.Sequential(
@@ -201,6 +201,7 @@ class Actor(nn.Module):
         self.final_layer = nn.Linear(hidden_dim, action_dim)
         self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32))
         self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32))
+        self.flow_steps = flow_steps
 
     def forward(self, a_t, t, obs) -> torch.Tensor:
         x = torch.cat([a_t, self.t_mlp(t), obs], dim=-1)
@@ -231,9 +232,9 @@ class Critic(nn.Module):
         return torch.min(*self(obs, action))
 
 
-def sample_actions(actor: Actor, obs: torch.Tensor, steps: int) -> torch.Tensor:
-    """`steps` Euler steps (Eq. 12), noise at t = 1 to t = 0, clipped; differentiable."""
-    n = obs.shape[0]
+def sample_actions(actor: Actor, obs: torch.Tensor, steps=None) -> torch.Tensor:
+    """`steps` Euler steps (Eq. 12; None: K), noise at t = 1 to 0, clipped; differentiable."""
+    n, steps = obs.shape[0], steps or actor.flow_steps
     a = torch.randn(n, actor.low.shape[0], device=obs.device)
     for k in range(steps, 0, -1):
         a = a - actor(a, torch.full((n,), k / steps, device=obs.device), obs) / steps
@@ -251,7 +252,7 @@ def actor_losses(actor: Actor, critic: Critic, args: Args, obs, actions, swap: b
     """Flow matching BC (Eq. 11) and -Q / |Q| (Eq. 8), the Q term through all K steps."""
     t = torch.rand(len(obs), device=obs.device)  # Uniform(0, 1)
     bc_loss = flow_matching_loss(actor, obs, actions, t, torch.randn_like(actions))
-    q1, q2 = critic(obs, sample_actions(actor, obs, args.flow_steps))
+    q1, q2 = critic(obs, sample_actions(actor, obs))
     q, q_scale = (q2, q1) if swap else (q1, q2)  # a random critic for Q, the other its scale
     return bc_loss, -q.mean() / q_scale.abs().mean().detach()
 
@@ -268,16 +269,16 @@ def gradient_step(optimizer, module: nn.Module, loss: torch.Tensor, grad_norm: f
 def update(networks, optimizers, args, obs, actions, rewards, next_obs, terminals, swap):
     """Critic, actor and target critic: tensors in, detached tensors out, no host sync."""
     actor, critic, critic_target = networks["actor"], networks["critic"], networks["critic_target"]
-    actor_target, steps = networks["actor_target"], args.flow_steps
+    actor_target = networks["actor_target"]
     # critic: clipped double-Q target (Eq. 7), next actions from the EMA target actor
     with torch.no_grad():
         if args.max_q_backup:  # 10 next actions per s': max per critic, then min
             next_obs_rep = next_obs.repeat_interleave(10, dim=0)
-            next_q1, next_q2 = critic_target(next_obs_rep, sample_actions(actor_target, next_obs_rep, steps))
+            next_q1, next_q2 = critic_target(next_obs_rep, sample_actions(actor_target, next_obs_rep))
             next_q1 = next_q1.view(-1, 10).amax(1, keepdim=True)
             next_q = torch.min(next_q1, next_q2.view(-1, 10).amax(1, keepdim=True))
         else:
-            next_q = critic_target.q_min(next_obs, sample_actions(actor_target, next_obs, steps))
+            next_q = critic_target.q_min(next_obs, sample_actions(actor_target, next_obs))
         target_q = rewards + (1 - terminals) * args.gamma * next_q
     current_q1, current_q2 = critic(obs, actions)
     critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)
@@ -298,8 +299,7 @@ def update(networks, optimizers, args, obs, actions, rewards, next_obs, terminal
 
 
 def update_actor_target(networks: dict, step: int, args: Args):
-    """The EMA target actor (Eq. 7), every `ema_every` updates from `ema_start`; before
-    that, its initial weights."""
+    """The EMA target actor (Eq. 7) from `ema_start`; until then its initial weights."""
     if step >= args.ema_start and step % args.ema_every == 0:
         with torch.no_grad():
             params = list(networks["actor"].parameters())
@@ -309,15 +309,14 @@ def update_actor_target(networks: dict, step: int, args: Args):
 
 @torch.no_grad()
 def diagnostics(networks: dict, data: dict, args: Args, step: int) -> dict:
-    """What the Q term does, on a batch of its own (training's RNG untouched): q_gap,
-    Q1 of the policy's actions minus the data's; action_mse, their distance; q_grad_ratio,
-    |grad q_loss| / |grad bc_loss| (times eta: the Q term's pull beside BC's)."""
+    """What the Q term does, on a batch of its own: Q1 of the policy's actions minus
+    the data's, their distance, |grad q_loss| / |grad bc_loss|."""
     actor, critic, device = networks["actor"], networks["critic"], data["obs"].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + step)
         idx = torch.randint(len(data["obs"]), (args.batch_size,), device=device)
         obs, actions = data["obs"][idx], data["actions"][idx]
-        policy_actions = sample_actions(actor, obs, args.flow_steps)
+        policy_actions = sample_actions(actor, obs)
         with torch.enable_grad():  # each loss's own gradient (.grad untouched)
             bc_grads, q_grads = (
                 torch.autograd.grad(loss, list(actor.parameters()))
@@ -889,7 +888,6 @@ def save_atomically(path: str, content: dict):
 if __name__ == "__main__":
     stop = stop_requests()  # SIGINT, SIGTERM: see its phases
     args, saved, dataset_id, run_dir = parse_args()
-    args.eval_steps = args.eval_steps or args.flow_steps  # None: K
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -907,8 +905,8 @@ if __name__ == "__main__":
     obs_dim, action_dim = data["obs"].shape[1], data["actions"].shape[1]
     print(f"{dataset_id}: {len(data['obs']):,} transitions, {obs_dim=}, {action_dim=}, {device}")
 
-    actor = Actor(obs_dim, action_dim, action_space.low, action_space.high).to(device)
-    actor_target = Actor(obs_dim, action_dim, action_space.low, action_space.high).to(device)
+    actor = Actor(obs_dim, action_dim, action_space.low, action_space.high, args.flow_steps).to(device)
+    actor_target = Actor(obs_dim, action_dim, action_space.low, action_space.high, args.flow_steps).to(device)
     actor_target.load_state_dict(actor.state_dict())  # drawn, then overwritten: the RNG stream as before
     critic = Critic(obs_dim, action_dim).to(device)
     critic_target = Critic(obs_dim, action_dim).to(device)

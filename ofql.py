@@ -112,7 +112,7 @@ class Args:
     lr: float | None = None
     """learning rate of the actor"""
     eta: float | None = None
-    """weight of the normalized Q term in the actor loss (Eq. 19)"""
+    """weight of the normalized Q term in the actor loss"""
     max_q_backup: bool | None = None
     """critic target: max over 10 next actions, min over critics"""
     reward_tune: Literal["none", "cql", "normalize"] | None = None
@@ -132,7 +132,7 @@ class Args:
     eval_ema: bool | None = None
     """act with an EMA of the actor's weights, as MeanFlow samples"""
     ema_decay: float = 0.995
-    """decay of the actor's EMA"""
+    """decay of the actor's EMA (DQL's target actor, Eq. 7)"""
     ema_start: int = 1000
     """the EMA starts at this update (a copy of the actor until then)"""
     ema_every: int = 5
@@ -305,15 +305,16 @@ def gradient_step(optimizer, module: nn.Module, loss: torch.Tensor, grad_norm: f
 def update(networks, optimizers, args, obs, actions, rewards, next_obs, terminals, swap):
     """Critic, actor and target critic: tensors in, detached tensors out, no host sync."""
     actor, critic, critic_target = networks["actor"], networks["critic"], networks["critic_target"]
-    # critic: clipped double-Q target, next actions from the CURRENT policy (no target actor)
+    actor_target = actor  # no target actor: next actions from the CURRENT policy
+    # critic: clipped double-Q target (Eq. 7)
     with torch.no_grad():
         if args.max_q_backup:  # 10 next actions per s': max per critic, then min
             next_obs_rep = next_obs.repeat_interleave(10, dim=0)
-            next_q1, next_q2 = critic_target(next_obs_rep, sample_actions(actor, next_obs_rep))
+            next_q1, next_q2 = critic_target(next_obs_rep, sample_actions(actor_target, next_obs_rep))
             next_q1 = next_q1.view(-1, 10).amax(1, keepdim=True)
             next_q = torch.min(next_q1, next_q2.view(-1, 10).amax(1, keepdim=True))
         else:
-            next_q = critic_target.q_min(next_obs, sample_actions(actor, next_obs))
+            next_q = critic_target.q_min(next_obs, sample_actions(actor_target, next_obs))
         target_q = rewards + (1 - terminals) * args.gamma * next_q
     current_q1, current_q2 = critic(obs, actions)
     critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)

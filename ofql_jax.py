@@ -110,7 +110,7 @@ class Args:
     lr: float | None = None
     """learning rate of the actor"""
     eta: float | None = None
-    """weight of the normalized Q term in the actor loss (Eq. 19)"""
+    """weight of the normalized Q term in the actor loss"""
     max_q_backup: bool | None = None
     """critic target: max over 10 next actions, min over critics"""
     reward_tune: Literal["none", "cql", "normalize"] | None = None
