@@ -9,7 +9,6 @@ Usage:
     python dql.py --env-id hopper-medium-v2
     python dql.py --env-id hopper-medium-v2 --eval-sampler ddim --eval-steps 1  # "DQL + DDIM (1)"
     python dql.py --resume runs/{run_name}  # continue a stopped run
-    python dql.py --help
 
 Ours (docs/dql.md): --eval-sampler ddim, a deterministic DDIM on --eval-steps of the T steps
 (evaluation only); the time embedding takes the raw step index i in {0..T-1}.
@@ -23,7 +22,7 @@ if __name__ == "__main__":  # a signal while the libraries import: one line, no 
 
     def exit_in_start_up(signum, frame):
         name = signal.Signals(signum).name
-        print(f"{name}: stopped during start-up, nothing written", file=sys.stderr)
+        print(f"{name}: stopped in start-up, nothing written", file=sys.stderr)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGINT, exit_in_start_up)
@@ -63,7 +62,7 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
     threads: int = 1
-    """torch CPU threads (0: torch's default); 1 is fastest for these small networks"""
+    """torch CPU threads (0: torch's default; 1: fastest here)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "ofql"
@@ -91,7 +90,7 @@ class Args:
     dataset_path: str | None = None
     """a D4RL hdf5 file to train on; --env-id names its task"""
     total_steps: int | None = None
-    """number of gradient updates (None: the task's row in TASKS)"""
+    """number of gradient updates"""
     batch_size: int = 256
     """the batch size of each update"""
     eval_freq: int = 50_000
@@ -113,9 +112,9 @@ class Args:
     max_q_backup: bool | None = None
     """critic target: max over 10 next actions, min over critics"""
     reward_tune: Literal["none", "cql", "normalize"] | None = None
-    """reward shaping: cql (r - 0.5) * 4, normalize (r - mean) / std"""
+    """cql: (r - 0.5) * 4; normalize: (r - mean) / std"""
     grad_norm: float | None = None
-    """clip the actor's and critic's gradient norms (0: no clipping)"""
+    """clip the gradient norms (0: no clipping)"""
     critic_lr: float = 3e-4
     """learning rate of the critic"""
     gamma: float = 0.99
@@ -176,8 +175,7 @@ def row_defaults(args: Args, row: str) -> dict:
 class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        half = dim // 2
-        freqs = torch.exp(torch.arange(half) * -(np.log(10000) / (half - 1)))
+        freqs = torch.exp(torch.arange(dim // 2) * -(np.log(10000) / (dim // 2 - 1)))
         self.register_buffer("freqs", freqs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, dim)
@@ -298,7 +296,7 @@ def actor_losses(actor: Actor, critic: Critic, args: Args, obs, actions, swap: b
 
 
 def gradient_step(optimizer, module: nn.Module, loss: torch.Tensor, grad_norm: float):
-    """Backward into the module's own parameters only, clip (0: no clipping), step."""
+    """Backward into the module's own parameters, clip (0: none), step."""
     optimizer.zero_grad()
     loss.backward(inputs=list(module.parameters()))
     if grad_norm > 0:
@@ -464,7 +462,7 @@ D4RL_TO_MINARI = {
     **{f"kitchen-{k}": f"D4RL/kitchen/{k}-v2" for k in ("complete", "partial", "mixed")},
     **{f"{e}-{k}": f"D4RL/{e}/{k}-v2" for e in ADROIT for k in ("human", "cloned", "expert")},
 }
-# A task without a row borrows its domain's, else DEFAULT_TASK's, and says so.
+# A task without a row borrows its domain's (else DEFAULT_TASK's)
 DOMAIN_ROWS = {e: f"{e}-medium" for e in ("halfcheetah", "hopper", "walker2d")}
 DOMAIN_ROWS |= {"antmaze": "antmaze-medium-play", "kitchen": "kitchen-partial"}
 DOMAIN_ROWS |= dict.fromkeys(ADROIT, "pen-human")
@@ -477,7 +475,7 @@ D4RL_REF_SCORES = {  # (random, expert) returns of D4RL's tasks
     "antmaze": (0.0, 1.0),
     "kitchen": (0.0, 4.0),
 }
-# D4RL's files were recorded in gym's v3 envs; Gymnasium's v4 are their models (v5 differ)
+# D4RL's files: gym's v3 envs, whose models are Gymnasium's v4
 D4RL_FILE_ENVS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
 D4RL_FILE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}-v2.hdf5"
 # Valid values, checked first: "[" includes a bound, "(" not; a bound is an expression
@@ -540,7 +538,7 @@ def check_args(args: Args):
 
 
 def parse_args() -> tuple[Args, dict | None, str, str]:
-    """The command line over a saved run's flags, checked: what a user can fix ends here."""
+    """The command line over a saved run's flags, checked."""
     args, saved = tyro.cli(Args), None
     try:
         if args.resume or args.checkpoint:
@@ -599,7 +597,7 @@ def check_writable(run_dir: str):
 
 
 def open_run(args: Args, run_dir: str, progress: dict) -> tuple[str, SummaryWriter]:
-    """The run's folder (a new one: -2, -3, ... if taken), wandb, the tensorboard writer."""
+    """The run folder (-2, -3, ... if taken), wandb, tensorboard."""
     folder, suffix = run_dir, 1
     while not args.resume:
         try:
@@ -701,7 +699,7 @@ def d4rl_transitions(path: str) -> dict[str, np.ndarray]:
 
 
 def load_task(args: Args, dataset_id: str, device) -> tuple:
-    """Data on the device, checked once; the eval env; its action space; reference returns."""
+    """The data, checked once; the eval env, its action space, reference returns."""
     domain = task_name(args.env_id).split("-")[0]
     if args.dataset_path:
         if domain not in D4RL_FILE_ENVS:
@@ -773,8 +771,8 @@ class Interrupted(BaseException):
 
 
 def stop_requests() -> dict:
-    """SIGINT, SIGTERM: in start-up exit; in training checkpoint after the update (a
-    second: at once); in evaluation stop at once (a checkpoint precedes it)."""
+    """SIGINT, SIGTERM: in start-up exit; in training checkpoint after the update
+    (a second: at once); in evaluation stop at once."""
     stop = {"phase": "start-up", "signals": []}
 
     def request_stop(signum, frame):
@@ -791,7 +789,7 @@ def stop_requests() -> dict:
 
 
 def stopwatch(progress: dict):
-    """charge(key) adds the seconds since the last charge to progress[key]."""
+    """charge(key): the seconds since the last charge into progress[key]."""
     last = [time.perf_counter()]
 
     def charge(key: str):
@@ -803,13 +801,13 @@ def stopwatch(progress: dict):
 
 
 def progress_bar(total: int, initial: int, unit: str, desc=None) -> tqdm:
-    """A bar on a terminal; in a log (a cluster's) lines instead."""
+    """A bar on a terminal; in a log, lines instead."""
     disable = not sys.stdout.isatty()
     return tqdm(total=total, initial=initial, unit=unit, desc=desc, leave=False, disable=disable)
 
 
 def episode_counter(num_episodes: int, step: int):
-    """Called as each episode ends: the bar, or a line each quarter."""
+    """Called as each episode ends: the bar, or in a log a line a quarter."""
     desc, done = f"evaluation at update {step}", [0]
     bar = progress_bar(num_episodes, 0, "episode", desc)
 
@@ -860,7 +858,7 @@ def save_checkpoint(run_dir: str, networks: dict, optimizers: dict, progress: di
 
 
 def restore(saved: dict, networks: dict, optimizers: dict, resume: bool):
-    """The networks; when resuming, also the optimizers and the RNG streams."""
+    """The networks; with --resume also the optimizers and RNG streams."""
     try:
         for name, module in networks.items():
             module.load_state_dict(saved[name])
@@ -938,7 +936,7 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    try:  # the data, checked; the env it was recorded on, for evaluation
+    try:  # the data, checked; its env, for evaluation
         data, make_env, action_space, (ref_min, ref_max) = load_task(args, dataset_id, device)
     except ValueError as error:
         raise SystemExit("error: " + " ".join(str(error).split())) from None  # one line
@@ -967,7 +965,7 @@ if __name__ == "__main__":
     if args.eval_only:  # no training, nothing to save
         args = replace(args, total_steps=0, save_model=False)
 
-    # the run folder, only now that everything loaded: a failed start leaves none
+    # the run folder last: a failed start leaves none
     if stop["signals"]:  # a signal that a library swallowed
         exit_in_start_up(stop["signals"][0], None)
     run_dir, writer = open_run(args, run_dir, progress)

@@ -9,7 +9,6 @@ Usage:
     python ofql.py --env-id hopper-medium-v2
     python ofql.py --env-id hopper-medium-v2 --paper-variant  # the paper's exact OFQL
     python ofql.py --resume runs/{run_name}  # continue a stopped run
-    python ofql.py --help
 
 Our defaults depart from the paper in three ways (docs/ofql.md): a quarter of the BC pairs at the
 acting pair (r, t) = (0, 1), evaluation with an EMA of the actor, eta 2.0 on locomotion.
@@ -23,7 +22,7 @@ if __name__ == "__main__":  # a signal while the libraries import: one line, no 
 
     def exit_in_start_up(signum, frame):
         name = signal.Signals(signum).name
-        print(f"{name}: stopped during start-up, nothing written", file=sys.stderr)
+        print(f"{name}: stopped in start-up, nothing written", file=sys.stderr)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGINT, exit_in_start_up)
@@ -64,7 +63,7 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be enabled by default"""
     threads: int = 1
-    """torch CPU threads (0: torch's default); 1 is fastest for these small networks"""
+    """torch CPU threads (0: torch's default; 1: fastest here)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "ofql"
@@ -92,7 +91,7 @@ class Args:
     dataset_path: str | None = None
     """a D4RL hdf5 file to train on; --env-id names its task"""
     total_steps: int | None = None
-    """number of gradient updates (None: the task's row in TASKS)"""
+    """number of gradient updates"""
     batch_size: int = 256
     """the batch size of each update"""
     eval_freq: int = 50_000
@@ -116,9 +115,9 @@ class Args:
     max_q_backup: bool | None = None
     """critic target: max over 10 next actions, min over critics"""
     reward_tune: Literal["none", "cql", "normalize"] | None = None
-    """reward shaping: cql (r - 0.5) * 4, normalize (r - mean) / std"""
+    """cql: (r - 0.5) * 4; normalize: (r - mean) / std"""
     grad_norm: float | None = None
-    """clip the actor's and critic's gradient norms (0: no clipping)"""
+    """clip the gradient norms (0: no clipping)"""
     critic_lr: float = 3e-4
     """learning rate of the critic"""
     gamma: float = 0.99
@@ -128,19 +127,18 @@ class Args:
     flow_ratio: float = 0.5
     """share of each batch with r = t (flow matching pairs)"""
     acting_ratio: float | None = None
-    """share of each batch at (r, t) = (0, 1), where actions come from"""
+    """share of each batch at the acting pair (r, t) = (0, 1)"""
     eval_ema: bool | None = None
-    """act with an EMA of the actor's weights, as MeanFlow samples"""
+    """act with the actor's EMA (as MeanFlow samples)"""
     ema_decay: float = 0.995
     """decay of the actor's EMA (DQL's target actor, Eq. 7)"""
     ema_start: int = 1000
-    """the EMA starts at this update (a copy of the actor until then)"""
+    """the EMA starts at this update (the actor until then)"""
     ema_every: int = 5
     """the EMA updates every this many updates"""
 
 
-# Per-task defaults: DQL's lr, max-Q backup, reward shaping, updates and gradient norms. eta is ours
-# (the paper publishes none): 2.0 on locomotion, where it made the Q term pay (docs/ofql.md).
+# DQL's per-task values; eta is ours, the paper publishes none (docs/ofql.md)
 TASK_FIELDS = ("lr", "eta", "max_q_backup", "reward_tune", "total_steps", "grad_norm")
 TASKS = {
     "halfcheetah-medium": (3e-4, 2.0, False, "none", 2_000_000, 9.0),
@@ -175,16 +173,14 @@ def row_defaults(args: Args, row: str) -> dict:
     values = dict(zip(TASK_FIELDS, TASKS[row], strict=True))
     if not args.paper_variant:
         return values | OUR_VARIANT
-    eta = PAPER_ETAS.get(row.split("-")[0], values["eta"])
-    return values | PAPER_VARIANT | {"eta": eta}
+    return values | PAPER_VARIANT | {"eta": PAPER_ETAS.get(row.split("-")[0], values["eta"])}
 
 
 # ALGO LOGIC: networks, one-step sampling, the MeanFlow loss, the update, action selection
 class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        half = dim // 2
-        freqs = torch.exp(torch.arange(half) * -(np.log(10000) / (half - 1)))
+        freqs = torch.exp(torch.arange(dim // 2) * -(np.log(10000) / (dim // 2 - 1)))
         self.register_buffer("freqs", freqs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, dim)
@@ -222,8 +218,7 @@ class Actor(nn.Module):
         return self.final_layer(self.mid_layer(x))
 
     def jvp(self, a_t, r, t, obs, v) -> tuple[torch.Tensor, torch.Tensor]:
-        """u and du/dt = v . d_a u + d_t u, along the tangent (v, 0, 1) (Eq. 16):
-        torch.func.jvp's result, from one pass."""
+        """u and du/dt = v . d_a u + d_t u: the JVP along (v, 0, 1) (Eq. 16)."""
         t_emb, t_emb_dot = forward_and_tangent(self.t_mlp, t, torch.ones_like(t))
         r_emb = self.r_mlp(r)
         x = torch.cat([a_t, t_emb, r_emb, obs], dim=-1)
@@ -265,8 +260,8 @@ def sample_actions(actor: Actor, obs: torch.Tensor) -> torch.Tensor:
 
 
 def sample_time_pairs(batch_size: int, flow_ratio: float, acting_ratio: float, device):
-    """(t, r) logit-normal with r <= t; r = t on the first `flow_ratio` of the batch,
-    (r, t) = (0, 1), the acting pair (Eq. 18), on the last `acting_ratio`."""
+    """Logit-normal t >= r; r = t on the first `flow_ratio` of the batch, (r, t) = (0, 1),
+    the acting pair (Eq. 18), on the last `acting_ratio`."""
     noise = torch.randn(2, batch_size, device=device)
     t, r = torch.sigmoid(noise * TIME_SIGMA + TIME_MU).sort(dim=0, descending=True).values
     index = torch.arange(batch_size, device=device)
@@ -276,8 +271,8 @@ def sample_time_pairs(batch_size: int, flow_ratio: float, acting_ratio: float, d
 
 
 def mean_flow_loss(actor: Actor, obs, actions, t, r, noise) -> torch.Tensor:
-    """MeanFlow BC (Eq. 17) on a_t = (1 - t) a + t eps, velocity v = eps - a: u regressed
-    onto the stopped u_tgt = v - (t - r) du/dt (Eq. 16)."""
+    """MeanFlow BC (Eq. 17): u regressed onto the stopped u_tgt = v - (t - r) du/dt
+    (Eq. 16), on a_t = (1 - t) a + t eps, v = eps - a."""
     a_t = (1 - t[:, None]) * actions + t[:, None] * noise
     v = noise - actions
     u, du_dt = actor.jvp(a_t, r, t, obs, v)
@@ -294,7 +289,7 @@ def actor_losses(actor: Actor, critic: Critic, args: Args, obs, actions, swap: b
 
 
 def gradient_step(optimizer, module: nn.Module, loss: torch.Tensor, grad_norm: float):
-    """Backward into the module's own parameters only, clip (0: no clipping), step."""
+    """Backward into the module's own parameters, clip (0: none), step."""
     optimizer.zero_grad()
     loss.backward(inputs=list(module.parameters()))
     if grad_norm > 0:
@@ -335,7 +330,7 @@ def update(networks, optimizers, args, obs, actions, rewards, next_obs, terminal
 
 
 def update_ema(networks: dict, step: int, args: Args):
-    """The actor's EMA (--eval-ema), DQL's schedule; before `ema_start` the actor itself."""
+    """The actor's EMA (--eval-ema), DQL's schedule; the actor until `ema_start`."""
     ema = networks.get("actor_ema")
     if ema is not None and (step < args.ema_start or step % args.ema_every == 0):
         weight = 1.0 if step < args.ema_start else 1 - args.ema_decay
@@ -383,10 +378,10 @@ def select_actions(actor: Actor, critic_target: Critic, obs, num_candidates: int
     return actions[torch.arange(n, device=obs.device), pick]
 
 
-# Fast paths: torch's functions in fewer kernels (each tested against torch's own)
+# Fast paths: torch's functions in fewer kernels (tested against torch's)
 @torch.no_grad()
 def tangent(layer: nn.Module, x: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:
-    """Forward-mode derivative of one of the actor's layers at x along x_dot."""
+    """Forward-mode derivative of an actor layer at x along x_dot."""
     if isinstance(layer, nn.Linear):
         return F.linear(x_dot, layer.weight)
     if isinstance(layer, Mish):
@@ -398,8 +393,8 @@ def tangent(layer: nn.Module, x: torch.Tensor, x_dot: torch.Tensor) -> torch.Ten
 
 
 def forward_and_tangent(layers, x, x_dot) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layers at x (with gradient) and their derivative along x_dot (without): a JVP
-    by hand, as torch's forward AD doubles the matmuls (pytorch#69687)."""
+    """The layers at x and their derivative along x_dot (no gradient): a JVP by hand,
+    as torch's forward AD doubles the matmuls (pytorch#69687)."""
     for layer in layers:
         x, x_dot = layer(x), tangent(layer, x, x_dot)
     return x, x_dot
@@ -431,7 +426,7 @@ class MishFunction(torch.autograd.Function):
 
 
 class Mish(nn.Module):
-    """x tanh(softplus(x)): closed form on CPU (over 2x faster), torch's kernel on GPU."""
+    """x tanh(softplus(x)): closed form on CPU (2x faster), torch's on GPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return MishFunction.apply(x) if x.is_cpu else F.mish(x)
@@ -486,7 +481,7 @@ D4RL_TO_MINARI = {
     **{f"kitchen-{k}": f"D4RL/kitchen/{k}-v2" for k in ("complete", "partial", "mixed")},
     **{f"{e}-{k}": f"D4RL/{e}/{k}-v2" for e in ADROIT for k in ("human", "cloned", "expert")},
 }
-# A task without a row borrows its domain's, else DEFAULT_TASK's, and says so.
+# A task without a row borrows its domain's (else DEFAULT_TASK's)
 DOMAIN_ROWS = {e: f"{e}-medium" for e in ("halfcheetah", "hopper", "walker2d")}
 DOMAIN_ROWS |= {"antmaze": "antmaze-medium-play", "kitchen": "kitchen-partial"}
 DOMAIN_ROWS |= dict.fromkeys(ADROIT, "pen-human")
@@ -499,7 +494,7 @@ D4RL_REF_SCORES = {  # (random, expert) returns of D4RL's tasks
     "antmaze": (0.0, 1.0),
     "kitchen": (0.0, 4.0),
 }
-# D4RL's files were recorded in gym's v3 envs; Gymnasium's v4 are their models (v5 differ)
+# D4RL's files: gym's v3 envs, whose models are Gymnasium's v4
 D4RL_FILE_ENVS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
 D4RL_FILE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}-v2.hdf5"
 # Valid values, checked first: "[" includes a bound, "(" not; a bound is an expression
@@ -562,7 +557,7 @@ def check_args(args: Args):
 
 
 def parse_args() -> tuple[Args, dict | None, str, str]:
-    """The command line over a saved run's flags, checked: what a user can fix ends here."""
+    """The command line over a saved run's flags, checked."""
     args, saved = tyro.cli(Args), None
     try:
         if args.resume or args.checkpoint:
@@ -621,7 +616,7 @@ def check_writable(run_dir: str):
 
 
 def open_run(args: Args, run_dir: str, progress: dict) -> tuple[str, SummaryWriter]:
-    """The run's folder (a new one: -2, -3, ... if taken), wandb, the tensorboard writer."""
+    """The run folder (-2, -3, ... if taken), wandb, tensorboard."""
     folder, suffix = run_dir, 1
     while not args.resume:
         try:
@@ -723,7 +718,7 @@ def d4rl_transitions(path: str) -> dict[str, np.ndarray]:
 
 
 def load_task(args: Args, dataset_id: str, device) -> tuple:
-    """Data on the device, checked once; the eval env; its action space; reference returns."""
+    """The data, checked once; the eval env, its action space, reference returns."""
     domain = task_name(args.env_id).split("-")[0]
     if args.dataset_path:
         if domain not in D4RL_FILE_ENVS:
@@ -795,8 +790,8 @@ class Interrupted(BaseException):
 
 
 def stop_requests() -> dict:
-    """SIGINT, SIGTERM: in start-up exit; in training checkpoint after the update (a
-    second: at once); in evaluation stop at once (a checkpoint precedes it)."""
+    """SIGINT, SIGTERM: in start-up exit; in training checkpoint after the update
+    (a second: at once); in evaluation stop at once."""
     stop = {"phase": "start-up", "signals": []}
 
     def request_stop(signum, frame):
@@ -813,7 +808,7 @@ def stop_requests() -> dict:
 
 
 def stopwatch(progress: dict):
-    """charge(key) adds the seconds since the last charge to progress[key]."""
+    """charge(key): the seconds since the last charge into progress[key]."""
     last = [time.perf_counter()]
 
     def charge(key: str):
@@ -825,13 +820,13 @@ def stopwatch(progress: dict):
 
 
 def progress_bar(total: int, initial: int, unit: str, desc=None) -> tqdm:
-    """A bar on a terminal; in a log (a cluster's) lines instead."""
+    """A bar on a terminal; in a log, lines instead."""
     disable = not sys.stdout.isatty()
     return tqdm(total=total, initial=initial, unit=unit, desc=desc, leave=False, disable=disable)
 
 
 def episode_counter(num_episodes: int, step: int):
-    """Called as each episode ends: the bar, or a line each quarter."""
+    """Called as each episode ends: the bar, or in a log a line a quarter."""
     desc, done = f"evaluation at update {step}", [0]
     bar = progress_bar(num_episodes, 0, "episode", desc)
 
@@ -882,7 +877,7 @@ def save_checkpoint(run_dir: str, networks: dict, optimizers: dict, progress: di
 
 
 def restore(saved: dict, networks: dict, optimizers: dict, resume: bool):
-    """The networks; when resuming, also the optimizers and the RNG streams."""
+    """The networks; with --resume also the optimizers and RNG streams."""
     try:
         for name, module in networks.items():
             module.load_state_dict(saved[name])
@@ -960,7 +955,7 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    try:  # the data, checked; the env it was recorded on, for evaluation
+    try:  # the data, checked; its env, for evaluation
         data, make_env, action_space, (ref_min, ref_max) = load_task(args, dataset_id, device)
     except ValueError as error:
         raise SystemExit("error: " + " ".join(str(error).split())) from None  # one line
@@ -988,7 +983,7 @@ if __name__ == "__main__":
     if args.eval_only:  # no training, nothing to save
         args = replace(args, total_steps=0, save_model=False)
 
-    # the run folder, only now that everything loaded: a failed start leaves none
+    # the run folder last: a failed start leaves none
     if stop["signals"]:  # a signal that a library swallowed
         exit_in_start_up(stop["signals"][0], None)
     run_dir, writer = open_run(args, run_dir, progress)

@@ -10,7 +10,6 @@ Usage:
     python ofql_jax.py --env-id hopper-medium-v2 --paper-variant
     python ofql_jax.py --num-seeds 5  # seeds 1..5 in one program
     python ofql_jax.py --resume runs/{run_name}  # continue a stopped run
-    python ofql_jax.py --help
 """
 
 import os
@@ -21,7 +20,7 @@ if __name__ == "__main__":  # a signal while the libraries import: one line
 
     def exit_in_start_up(signum, frame):
         name = signal.Signals(signum).name
-        print(f"{name}: stopped during start-up, nothing written", file=sys.stderr)
+        print(f"{name}: stopped in start-up, nothing written", file=sys.stderr)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGINT, exit_in_start_up)
@@ -90,7 +89,7 @@ class Args:
     dataset_path: str | None = None
     """a D4RL hdf5 file to train on; --env-id names its task"""
     total_steps: int | None = None
-    """number of gradient updates (None: the task's row in TASKS)"""
+    """number of gradient updates"""
     batch_size: int = 256
     """the batch size of each update"""
     eval_freq: int = 50_000
@@ -114,9 +113,9 @@ class Args:
     max_q_backup: bool | None = None
     """critic target: max over 10 next actions, min over critics"""
     reward_tune: Literal["none", "cql", "normalize"] | None = None
-    """reward shaping: cql (r - 0.5) * 4, normalize (r - mean) / std"""
+    """cql: (r - 0.5) * 4; normalize: (r - mean) / std"""
     grad_norm: float | None = None
-    """clip the actor's and critic's gradient norms (0: no clipping)"""
+    """clip the gradient norms (0: no clipping)"""
     critic_lr: float = 3e-4
     """learning rate of the critic"""
     gamma: float = 0.99
@@ -126,19 +125,18 @@ class Args:
     flow_ratio: float = 0.5
     """share of each batch with r = t (flow matching pairs)"""
     acting_ratio: float | None = None
-    """share of each batch at (r, t) = (0, 1), where actions come from"""
+    """share of each batch at the acting pair (r, t) = (0, 1)"""
     eval_ema: bool | None = None
-    """act with an EMA of the actor's weights, as MeanFlow samples"""
+    """act with the actor's EMA (as MeanFlow samples)"""
     ema_decay: float = 0.995
     """decay of the actor's EMA"""
     ema_start: int = 1000
-    """the EMA starts at this update (a copy of the actor until then)"""
+    """the EMA starts at this update (the actor until then)"""
     ema_every: int = 5
     """the EMA updates every this many updates"""
 
 
-# Per-task defaults: DQL's lr, max-Q backup, reward shaping, updates and gradient norms.
-# eta is ours: 2.0 on locomotion, where it made the Q term pay (docs/ofql.md).
+# DQL's per-task values; eta is ours, the paper publishes none (docs/ofql.md)
 TASK_FIELDS = ("lr", "eta", "max_q_backup", "reward_tune", "total_steps", "grad_norm")
 TASKS = {
     "halfcheetah-medium": (3e-4, 2.0, False, "none", 2_000_000, 9.0),
@@ -173,27 +171,10 @@ def row_defaults(args: Args, row: str) -> dict:
     values = dict(zip(TASK_FIELDS, TASKS[row], strict=True))
     if not args.paper_variant:
         return values | OUR_VARIANT
-    eta = PAPER_ETAS.get(row.split("-")[0], values["eta"])
-    return values | PAPER_VARIANT | {"eta": eta}
+    return values | PAPER_VARIANT | {"eta": PAPER_ETAS.get(row.split("-")[0], values["eta"])}
 
 
 # ALGO LOGIC: networks, one-step sampling, the MeanFlow loss, the update, action selection
-class Linear(nn.Module):
-    """nn.Dense initialised as torch.nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        bound = 1 / np.sqrt(x.shape[-1])
-
-        def init(key, shape, dtype=jnp.float32):
-            return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-        kernel = self.param("kernel", init, (x.shape[-1], self.features))
-        return x @ kernel + self.param("bias", init, (self.features,))
-
-
 class SinusoidalPosEmb(nn.Module):
     dim: int
 
@@ -250,6 +231,22 @@ class Critic(nn.Module):
 
     def q_min(self, obs, action) -> jax.Array:
         return jnp.minimum(*self(obs, action))
+
+
+class Linear(nn.Module):
+    """nn.Dense initialised as torch.nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bound = 1 / np.sqrt(x.shape[-1])
+
+        def init(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        kernel = self.param("kernel", init, (x.shape[-1], self.features))
+        return x @ kernel + self.param("bias", init, (self.features,))
 
 
 class State(TrainState):

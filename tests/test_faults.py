@@ -156,12 +156,12 @@ def test_a_signal_in_start_up_ends_at_once_with_one_line_and_no_run_folder(scrip
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM and out == "", (out, err[-2000:])  # before the task line
-    assert err.strip().splitlines() == ["SIGTERM: stopped during start-up, nothing written"], err[-2000:]
+    assert err.strip().splitlines() == ["SIGTERM: stopped in start-up, nothing written"], err[-2000:]
 
     code, out, err = signal_at(script, tmp_path, ("--total-steps", "100"), "", signal.SIGINT)  # at its first line
     assert code == 128 + signal.SIGINT and "borrowing hopper-medium's" in out, (out, err[-2000:])  # the task line
     assert "transitions" not in out, out  # the data had not loaded yet
-    assert err.strip().splitlines() == ["SIGINT: stopped during start-up, nothing written"], err[-2000:]
+    assert err.strip().splitlines() == ["SIGINT: stopped in start-up, nothing written"], err[-2000:]
     assert no_run_folder(tmp_path)
 
 
