@@ -886,7 +886,10 @@ def restore(saved: dict, networks: dict, optimizers: dict, resume: bool):
         raise SystemExit(f"error: the saved networks do not fit ({problem})") from None
     if resume:
         for name, optimizer in optimizers.items():
+            lrs = [group["lr"] for group in optimizer.param_groups]  # the flags' (--lr wins)
             optimizer.load_state_dict(saved[name])
+            for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
         torch.set_rng_state(saved["rng"])
         if saved["cuda_rng"]:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])

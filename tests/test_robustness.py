@@ -600,6 +600,22 @@ def cut_first_array(tree):
         return tree | {name: value[:-1]}
 
 
+@pytest.mark.parametrize("script", TORCH_SCRIPTS)
+def test_resume_restores_the_optimizer_but_takes_the_learning_rate_given(script):
+    """--resume RUN --lr X: Adam's moments from the checkpoint, the learning rate X (ofql_jax.py builds its optimizer
+    from the flags, so it takes X as well)."""
+    net = torch.nn.Linear(2, 2)
+    trained = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.ones(1, 2)).sum().backward()
+    trained.step()
+    saved = {"net": net.state_dict(), "opt": trained.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": []}
+    resumed = torch.optim.Adam(net.parameters(), lr=5e-4)
+    module(script).restore(saved, {"net": net}, {"opt": resumed}, resume=True)
+    assert resumed.param_groups[0]["lr"] == 5e-4
+    moments = [state["exp_avg"] for state in resumed.state_dict()["state"].values()]
+    assert len(moments) == 2 and all(m.abs().sum() > 0 for m in moments)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_model_of_other_shapes_fails_with_one_line(script, minari_path, tmp_path):
     """--eval-only with a model whose arrays do not fit the dataset's networks (the model's own: its flags name the
