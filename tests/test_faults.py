@@ -98,7 +98,7 @@ def module(script: str):
     return importlib.import_module(script)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PLUMBING)
 def test_signals_in_both_evaluations_lose_nothing_and_the_resumed_run_is_the_uninterrupted_one(
     script, minari_path, tmp_path
 ):
@@ -165,7 +165,7 @@ def test_a_signal_in_start_up_ends_at_once_with_one_line_and_no_run_folder(scrip
     assert no_run_folder(tmp_path)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PLUMBING)
 def test_kill_9_loses_at_most_one_evaluation_interval(script, minari_path, tmp_path):
     flags = "--total-steps 40 --eval-freq 20 --log-freq 10 --eval-episodes 1 --final-eval-episodes 2".split()
     code, out, err = signal_at(script, tmp_path, flags, "update 30/", signal.SIGKILL)
@@ -280,7 +280,7 @@ def test_a_signal_during_a_checkpoint_write_keeps_the_last_good_file(script, mon
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PLUMBING)
 def test_track_without_a_wandb_login_or_with_a_bad_mode_fails_with_one_line(script, minari_path, tmp_path):
     clean = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")} | {"HOME": str(tmp_path)}
     for env in (clean, clean | {"WANDB_MODE": "bogus"}):

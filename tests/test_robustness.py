@@ -405,7 +405,7 @@ def test_combinations_that_cannot_work_fail_at_once(script, monkeypatch, tmp_pat
 # Training: a non-finite loss, reproducible runs, stop and resume ---------------------------------------------------
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PLUMBING)
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(script, minari_path, tmp_path):
     """A finished run goes on with --eta 1e39 (inf in float32: the actor's loss of the next update is not finite): one
     line naming the update and the last finite losses, the checkpoint of update 10 kept, no summary of its own."""
@@ -616,7 +616,7 @@ def test_resume_restores_the_optimizer_but_takes_the_learning_rate_given(script)
     assert len(moments) == 2 and all(m.abs().sum() > 0 for m in moments)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PLUMBING)
 def test_a_model_of_other_shapes_fails_with_one_line(script, minari_path, tmp_path):
     """--eval-only with a model whose arrays do not fit the dataset's networks (the model's own: its flags name the
     dataset): one line, exit code 1, no traceback, no run folder. A model evaluates on its dataset with its run's
