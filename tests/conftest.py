@@ -22,18 +22,6 @@ HOPPER_DATASET_ID = "test/hopper/rollouts-v0"
 ANTMAZE_DATASET_ID = "test/antmaze/umaze-v0"  # task antmaze-umaze: cql rewards, success-rate scores
 PEN_DATASET_ID = "test/pen/human-v0"  # task pen-human: normalized rewards, the dataset's reference scores
 PENDULUM_DATASET_ID = "test/pendulum/swing-up-v0"  # for learning tests: small, and Q-learning pays within minutes
-# the longest tests (minutes each on the 2-core CPU), handed out first so that the two workers end together
-LONGEST_FIRST = (
-    "test_ofql_learns_at_a_q_weight_where_the_papers_pairs_collapse",
-    "test_a_grid_runs_through_submitit_skips_finished_runs_resumes_and_reports_both_kinds",
-    "test_seeds_in_one_run",
-    "test_ablation_trains_every_method_skips_finished_runs_goes_on_and_reports",
-)
-
-
-def pytest_collection_modifyitems(items):
-    first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: first.get(item.name, len(first)))  # a stable sort: the rest in file order
 
 
 def rollouts(env: gym.Env, num_episodes: int, seed: int, episode_policy) -> list[EpisodeBuffer]:
