@@ -71,10 +71,8 @@ class Args:
     """the entity (team) of wandb's project"""
     save_model: bool = False
     """save the trained networks into `runs/{run_name}/model.pt`"""
-    eval_only: bool = False
-    """skip training: evaluate --checkpoint, with its run's flags"""
-    checkpoint: str | None = None
-    """a model.pt (--save-model) or checkpoint.pt, for --eval-only"""
+    eval_only: str | None = None
+    """no training: evaluate this model.pt or checkpoint.pt (its run's flags)"""
     checkpoint_freq: int = 0
     """also checkpoint every this many updates (0: at evaluations)"""
     resume: str | None = None
@@ -531,8 +529,6 @@ def check_args(args: Args):
         above = value > low if interval[0] == "(" else value >= low
         if not (above and (value < high if interval[-1] == ")" else value <= high)):
             raise ValueError(f"--{flag.replace('_', '-')} {value}: must be in {interval}")
-    if args.eval_only != bool(args.checkpoint) or (args.eval_only and args.resume):
-        raise ValueError("--eval-only goes with --checkpoint FILE; --resume RUN goes on")
     if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
         raise ValueError("--cudagraphs needs a CUDA GPU; on CPU, use --compile")
 
@@ -541,9 +537,11 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
     """The command line over a saved run's flags, checked."""
     args, saved = tyro.cli(Args), None
     try:
-        if args.resume or args.checkpoint:
-            flag = "--checkpoint" if args.checkpoint else "--resume"
-            saved = load_saved(args.checkpoint or f"{args.resume}/{CHECKPOINT}", flag)
+        if args.eval_only and args.resume:
+            raise ValueError("--eval-only FILE evaluates, --resume RUN trains on: one of them")
+        if args.resume or args.eval_only:
+            flag = "--eval-only" if args.eval_only else "--resume"
+            saved = load_saved(args.eval_only or f"{args.resume}/{CHECKPOINT}", flag)
             args = tyro.cli(Args, default=Args(**saved["args"] | {"resume": None}))
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
         args, task_line = task_defaults(args)
@@ -553,7 +551,7 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
             raise ValueError(
                 f"--total-steps {args.total_steps}: {args.resume} is at update {step}"
                 + (" and finished" if done else "") + "; ask for more, or evaluate it with"
-                f" --eval-only --checkpoint {args.resume}/{CHECKPOINT}"
+                f" --eval-only {args.resume}/{CHECKPOINT}"
             )  # fmt: skip
         name = re.sub(r"[^\w.-]", "_", f"{args.env_id}__{args.exp_name}__{args.seed}")
         run_dir = args.resume or f"runs/{name}__{int(time.time())}"

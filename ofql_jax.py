@@ -72,10 +72,8 @@ class Args:
     """the entity (team) of wandb's project"""
     save_model: bool = False
     """save the trained networks into `runs/{run_name}/model.msgpack`"""
-    eval_only: bool = False
-    """skip training: evaluate --checkpoint, with its run's flags"""
-    checkpoint: str | None = None
-    """a model.msgpack (--save-model) or checkpoint.msgpack, for --eval-only"""
+    eval_only: str | None = None
+    """no training: evaluate this model or checkpoint .msgpack (its run's flags)"""
     checkpoint_freq: int = 0
     """also checkpoint every this many updates (0: at evaluations)"""
     resume: str | None = None
@@ -553,8 +551,6 @@ def check_args(args: Args):
             and (value < high if interval[-1] == ")" else value <= high)
         ):  # NaN is in no interval
             raise ValueError(f"--{flag.replace('_', '-')} {value}: must be in {interval}")
-    if args.eval_only != bool(args.checkpoint) or (args.eval_only and args.resume):
-        raise ValueError("--eval-only goes with --checkpoint FILE; --resume RUN goes on")
 
 
 def parse_args() -> tuple[Args, dict | None, str, str]:
@@ -562,9 +558,11 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
     saved state; the dataset id; the run folder. Whatever a user can fix ends here."""
     args, saved = tyro.cli(Args), None
     try:
-        if args.resume or args.checkpoint:
-            flag = "--checkpoint" if args.checkpoint else "--resume"
-            saved = load_saved(args.checkpoint or f"{args.resume}/{CHECKPOINT}", flag)
+        if args.eval_only and args.resume:
+            raise ValueError("--eval-only FILE evaluates, --resume RUN trains on: one of them")
+        if args.resume or args.eval_only:
+            flag = "--eval-only" if args.eval_only else "--resume"
+            saved = load_saved(args.eval_only or f"{args.resume}/{CHECKPOINT}", flag)
             args = tyro.cli(Args, default=Args(**saved["args"] | {"resume": None}))
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
         args, task_line = task_defaults(args)
@@ -574,7 +572,7 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
             raise ValueError(
                 f"--total-steps {args.total_steps}: {args.resume} is at update {step}"
                 + (" and finished" if done else "") + "; ask for more, or evaluate it with"
-                f" --eval-only --checkpoint {args.resume}/{CHECKPOINT}"
+                f" --eval-only {args.resume}/{CHECKPOINT}"
             )  # fmt: skip
         name = re.sub(r"[^\w.-]", "_", f"{args.env_id}__{args.exp_name}__{args.seed}")
         run_dir = args.resume or f"runs/{name}__{int(time.time())}"

@@ -160,8 +160,8 @@ def ablation_jobs(args) -> list[Job]:
                     jobs.append(Job(folder, command, args.total_steps))
                     continue
                 trained, flags, _ = ONE_STEP[method]
-                command = [sys.executable, os.path.join(ROOT, f"{trained}.py"), "--eval-only", "--env-id", dataset]
-                command += ["--seed", str(seed), *flags, *shlex.split(args.flags)]  # --checkpoint once trained
+                command = [sys.executable, os.path.join(ROOT, f"{trained}.py"), "--env-id", dataset]
+                command += ["--seed", str(seed), *flags, *shlex.split(args.flags)]  # --eval-only once trained
                 jobs.append(Job(folder, command, args.total_steps, after=os.path.join(base, trained, f"seed{seed}")))
     return jobs
 
@@ -359,7 +359,7 @@ def run_jobs(jobs: list[Job], num_parallel: int, executor, group: str):
             job = ready.pop(0)
             pending.remove(job)
             if job.after:
-                job.command += ["--checkpoint", os.path.abspath(os.path.join(run_dir(job.after), "model.pt"))]
+                job.command += ["--eval-only", os.path.abspath(os.path.join(run_dir(job.after), "model.pt"))]
             os.makedirs(job.folder, exist_ok=True)
             running[submit(executor, job, group)] = job
             print(f"[{time.time() - start:6.0f} s] start {job.folder}", flush=True)

@@ -124,7 +124,7 @@ SUMMARY_KEYS = (
 
 
 def run_dql(tmp_path, *flags: str, check: bool = True) -> dict:
-    if not {"--checkpoint", "--resume"} & set(flags):
+    if not {"--eval-only", "--resume"} & set(flags):
         flags = ("--env-id", HOPPER_DATASET_ID, *flags)
     run = run_script("dql", tmp_path, "--no-cuda", *flags)
     if not check:
@@ -159,7 +159,7 @@ def test_end_to_end_run_and_one_step_ddim_evaluation(minari_path, tmp_path):
 
     # the paper's ablation "DQL + DDIM (1)": the DDPM-trained model evaluated with one deterministic DDIM step
     evaluation = run_dql(
-        tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.pt"), "--final-eval-episodes", "2",
+        tmp_path, "--eval-only", str(summary["run_dir"] / "model.pt"), "--final-eval-episodes", "2",
         "--eval-sampler", "ddim", "--eval-steps", "1",
     )  # fmt: skip
     assert (evaluation["eval_sampler"], evaluation["eval_steps"], evaluation["total_steps"]) == ("ddim", 1, 0)

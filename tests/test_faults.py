@@ -209,7 +209,7 @@ def wrong_files(script: str, own, tmp_path) -> dict:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_wrong_file_for_checkpoint_and_resume_gives_one_line(script, minari_path, monkeypatch, tmp_path):
+def test_every_wrong_file_for_eval_only_and_resume_gives_one_line(script, minari_path, monkeypatch, tmp_path):
     module_ = module(script)
     finished_run = tmp_path / "finished"  # a run finished at update 20: its checkpoint and summary, as the script saves
     finished_run.mkdir()
@@ -228,8 +228,8 @@ def test_every_wrong_file_for_checkpoint_and_resume_gives_one_line(script, minar
         return message
 
     for kind, (path, says) in wrong_files(script, checkpoint, tmp_path).items():
-        message = error_of("--eval-only", "--checkpoint", str(path))
-        assert message.startswith(f"error: --checkpoint {path}: {says}"), (kind, message)
+        message = error_of("--eval-only", str(path))
+        assert message.startswith(f"error: --eval-only {path}: {says}"), (kind, message)
         folder = tmp_path / "resume" / kind.replace(" ", "_").replace("'", "")
         folder.mkdir(parents=True)
         if path.is_file():
@@ -242,7 +242,7 @@ def test_every_wrong_file_for_checkpoint_and_resume_gives_one_line(script, minar
     refused = error_of("--resume", str(finished_run))  # a finished run: its result is kept unless more is asked for
     assert refused == (
         f"error: --total-steps 20: {finished_run} is at update 20 and finished; ask for more, or evaluate it with"
-        f" --eval-only --checkpoint {finished_run}/{checkpoint_name(script)}"
+        f" --eval-only {finished_run}/{checkpoint_name(script)}"
     )
     (tmp_path / "runs").write_text("a file where the run folders go")
     assert error_of().endswith(f"{tmp_path / 'runs'} is not a writable folder: run elsewhere")

@@ -93,7 +93,7 @@ SUMMARY_KEYS = (
 
 
 def run_fql(tmp_path, *flags: str) -> dict:
-    if not {"--checkpoint", "--resume"} & set(flags):
+    if not {"--eval-only", "--resume"} & set(flags):
         flags = ("--env-id", HOPPER_DATASET_ID, *flags)
     run = run_script("fql", tmp_path, "--no-cuda", *flags)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -128,7 +128,6 @@ def test_end_to_end_run_and_one_step_evaluation(minari_path, tmp_path):
     evaluation = run_fql(
         tmp_path,
         "--eval-only",
-        "--checkpoint",
         str(summary["run_dir"] / "model.pt"),
         "--final-eval-episodes",
         "2",

@@ -263,7 +263,7 @@ SUMMARY_KEYS = (
 def run_ofql(cwd, *flags: str) -> dict:
     """An ofql.py run in cwd (on the Hopper test data unless flags name an --env-id, a --checkpoint or --resume):
     its summary, stdout and run folder."""
-    if not {"--env-id", "--checkpoint", "--resume"} & set(flags):
+    if not {"--env-id", "--eval-only", "--resume"} & set(flags):
         flags = ("--env-id", HOPPER_DATASET_ID, *flags)
     run = run_script("ofql", cwd, "--no-cuda", *flags)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -308,7 +308,7 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
     )  # an EMA, not a copy
 
     # the saved networks evaluate alone (--env-id not needed), with plain one-step sampling
-    evaluation = run_ofql(tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "model.pt"),
+    evaluation = run_ofql(tmp_path, "--eval-only", str(summary["run_dir"] / "model.pt"),
                           "--final-eval-episodes", "3", "--num-candidates", "1")  # fmt: skip
     assert evaluation["total_steps"] == 0 and evaluation["eval_episodes"] == 3 and evaluation["num_candidates"] == 1
     # no --env-id: the model's dataset, and its run's flags but those given

@@ -220,7 +220,7 @@ FLAGS = "--total-steps 300 --eval-freq 150 --eval-episodes 2 --final-eval-episod
 
 def run_ofql_jax(tmp_path, *flags: str) -> dict:
     """An ofql_jax.py run on the Hopper test data (that of the checkpoint or run with --checkpoint, --resume)."""
-    command = [c for c in COMMAND if c not in ("--env-id", HOPPER_DATASET_ID)] if "--checkpoint" in flags else COMMAND
+    command = [c for c in COMMAND if c not in ("--env-id", HOPPER_DATASET_ID)] if "--eval-only" in flags else COMMAND
     run = subprocess.run([*command, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (summary_path,) = sorted(tmp_path.glob("runs/*/summary.json"), key=lambda p: p.stat().st_mtime)[-1:]
@@ -273,7 +273,7 @@ def test_end_to_end_run_writes_summary_and_model(full_run, tmp_path):
 
     # the checkpoint evaluates alone (--env-id not needed: the run's dataset and flags, those given winning), with
     # plain one-step sampling
-    evaluation = run_ofql_jax(tmp_path, "--eval-only", "--checkpoint", str(summary["run_dir"] / "checkpoint.msgpack"),
+    evaluation = run_ofql_jax(tmp_path, "--eval-only", str(summary["run_dir"] / "checkpoint.msgpack"),
                               "--final-eval-episodes", "3", "--num-candidates", "1")  # fmt: skip
     assert evaluation["total_steps"] == 0 and evaluation["eval_episodes"] == 3 and evaluation["num_candidates"] == 1
     assert evaluation["dataset_id"] == HOPPER_DATASET_ID and evaluation["args"]["eval_freq"] == 150
@@ -441,7 +441,6 @@ def seeds_model_evaluates_every_seed(seeds_run, tmp_path):
     evaluation = run_ofql_jax(
         tmp_path,
         "--eval-only",
-        "--checkpoint",
         str(seeds_run["run_dir"] / "model.msgpack"),
         "--final-eval-episodes",
         "2",

@@ -301,7 +301,7 @@ def test_bad_input_and_bad_data_fail_with_one_line(script, d4rl_file, monkeypatc
         ("--env-id", "hoper-medium-v2"): "error: unknown --env-id hoper-medium-v2; try hopper-medium",
         ("--env-id", "hopper-medium-replay-v2"): f"try --dataset-path hopper_medium_replay-v2.hdf5 from {url}",
         ("--resume", str(tmp_path / "runs" / "nothing")): f"error: --resume {tmp_path / 'runs' / 'nothing'}",
-        ("--eval-only", "--checkpoint", "missing.pt"): "error: --checkpoint missing.pt: not a file of",
+        ("--eval-only", "missing.pt"): "error: --eval-only missing.pt: not a file of",
     }
     for flags, message in at_parse.items():
         error = parse_error(script, monkeypatch, *flags)
@@ -388,12 +388,8 @@ def test_every_numeric_flag_out_of_range_fails_at_once(script, monkeypatch, tmp_
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_combinations_that_cannot_work_fail_at_once(script, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    cases = {("--eval-only",): "--eval-only goes with --checkpoint FILE"}
-    if script in TORCH_SCRIPTS:  # a file that loads as the script's own: the flags are checked after it
-        model = tmp_path / "model.pt"
-        torch.save({"args": {}, "script": f"{script}.py"}, model)
-        cases[("--checkpoint", str(model))] = "--eval-only goes with --checkpoint FILE"
-        cases[("--eval-only", "--checkpoint", str(model), "--resume", str(tmp_path))] = "--resume RUN goes on"
+    cases = {("--eval-only", "model.pt", "--resume", "runs/x"): "--resume RUN trains on: one of them"}
+    if script in TORCH_SCRIPTS:
         cases[("--cudagraphs",)] = "--cudagraphs needs a CUDA GPU; on CPU, use --compile"
     if script == "dql":  # ddim takes 1 to T of the T steps (ddpm all of them: tested in test_dql.py)
         cases[("--eval-sampler", "ddim", "--eval-steps", "6")] = "--eval-steps 6"
@@ -627,7 +623,7 @@ def test_a_model_of_other_shapes_fails_with_one_line(script, minari_path, tmp_pa
     other = tmp_path / f"other{model.suffix}"
     saved = load_model(model)
     save_model(saved | {"critic": cut_first_array(saved["critic"])}, other)
-    result = run(script, tmp_path, "--eval-only", "--checkpoint", str(other), timeout=300)
+    result = run(script, tmp_path, "--eval-only", str(other), timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: the saved networks do not fit ("), line
@@ -688,7 +684,7 @@ def test_eval_ema_acts_with_the_ema_copy_and_leaves_training_alone(script, minar
     returns = {}
     off = ("--eval-ema", "False")
     for name, model, more in (("with_copy", ema, ()), ("copy", copy_as_actor, off), ("trained", ema, off)):
-        result = run(script, tmp_path / name, *QUICK, "--eval-only", "--checkpoint", str(model), *more)
+        result = run(script, tmp_path / name, *QUICK, "--eval-only", str(model), *more)
         assert result.returncode == 0, result.stderr[-2000:]
         returns[name] = summary_of(tmp_path / name)["return_mean"]
     assert returns["with_copy"] == returns["copy"] != returns["trained"], returns
