@@ -10,8 +10,8 @@ Usage:
     python ofql.py --env-id hopper-medium-v2 --paper-variant  # the paper's exact OFQL
     python ofql.py --resume runs/{run_name}  # continue a stopped run
 
-Our defaults depart from the paper in three ways (docs/ofql.md): a quarter of the BC pairs at the
-acting pair (r, t) = (0, 1), evaluation with an EMA of the actor, eta 2.0 on locomotion.
+Our defaults depart from the paper in three ways but on expert data (docs/ofql.md): a quarter
+of the BC pairs at the acting pair (r, t) = (0, 1), acting with the actor's EMA, eta 2.0 on locomotion.
 """
 
 import os
@@ -105,7 +105,7 @@ class Args:
 
     # Algorithm specific arguments (None: the task's row in TASKS)
     paper_variant: bool = False
-    """the paper's exact OFQL: acting ratio 0, no EMA, its eta"""
+    """the paper's exact OFQL: acting ratio 0, no EMA, its eta (expert data: always)"""
     lr: float | None = None
     """learning rate of the actor"""
     eta: float | None = None
@@ -167,9 +167,10 @@ TIME_MU, TIME_SIGMA = -0.4, 1.0  # the logit-normal of t and r (MeanFlow's)
 
 
 def row_defaults(args: Args, row: str) -> dict:
-    """The task row's values and the variant's: ours, or --paper-variant's."""
+    """The task row's values and the variant's: ours, or the paper's (--paper-variant; expert data)."""
     values = dict(zip(TASK_FIELDS, TASKS[row], strict=True))
-    if not args.paper_variant:
+    expert_data = task_name(args.env_id).split("-", 1)[-1] == "expert"
+    if not (args.paper_variant or expert_data):
         return values | OUR_VARIANT
     return values | PAPER_VARIANT | {"eta": PAPER_ETAS.get(row.split("-")[0], values["eta"])}
 

@@ -103,7 +103,7 @@ class Args:
 
     # Algorithm specific arguments (None: the task's row in TASKS)
     paper_variant: bool = False
-    """the paper's exact OFQL: acting ratio 0, no EMA, its eta"""
+    """the paper's exact OFQL: acting ratio 0, no EMA, its eta (expert data: always)"""
     lr: float | None = None
     """learning rate of the actor"""
     eta: float | None = None
@@ -165,9 +165,10 @@ TIME_MU, TIME_SIGMA = -0.4, 1.0  # the logit-normal of t and r (MeanFlow's)
 
 
 def row_defaults(args: Args, row: str) -> dict:
-    """The task row's values and the variant's: ours, or --paper-variant's."""
+    """The task row's values and the variant's: ours, or the paper's (--paper-variant; expert data)."""
     values = dict(zip(TASK_FIELDS, TASKS[row], strict=True))
-    if not args.paper_variant:
+    expert_data = task_name(args.env_id).split("-", 1)[-1] == "expert"
+    if not (args.paper_variant or expert_data):
         return values | OUR_VARIANT
     return values | PAPER_VARIANT | {"eta": PAPER_ETAS.get(row.split("-")[0], values["eta"])}
 

@@ -44,8 +44,9 @@ def test_task_table_fills_defaults_and_command_line_wins():
 
 
 def test_our_variant_is_the_default_and_the_papers_is_one_flag_away():
-    """Ours: acting pairs, the EMA's actions, the row's eta (2.0 on locomotion); --paper-variant: none of them and eta
-    from the paper's grid (0.01 on locomotion, the row's where that is in the grid); a flag still wins."""
+    """Ours: acting pairs, the EMA's actions, the row's eta (2.0 on locomotion); --paper-variant, and the default on an
+    expert's data: none of them and eta from the paper's grid (0.01 on locomotion, the row's where that is in the
+    grid); a flag still wins."""
     ours, line = ofql.task_defaults(ofql.Args(env_id="sac/hopper/medium-replay-v0"))
     assert (ours.acting_ratio, ours.eval_ema, ours.eta) == (0.25, True, 2.0)
     assert line.endswith("acting_ratio 0.25, eval_ema True") and "paper" not in line
@@ -60,6 +61,10 @@ def test_our_variant_is_the_default_and_the_papers_is_one_flag_away():
         ofql.Args(env_id="sac/hopper/medium-replay-v0"), lr=paper.lr, max_q_backup=paper.max_q_backup,
         reward_tune=paper.reward_tune, total_steps=paper.total_steps, grad_norm=paper.grad_norm,
     )  # fmt: skip
+    expert = ofql.task_defaults(ofql.Args(env_id="sac/hopper/expert-v0"))[0]  # an expert's data: the paper's
+    assert (expert.acting_ratio, expert.eval_ema, expert.eta) == (0.0, False, 0.01)
+    medium_expert = ofql.task_defaults(ofql.Args(env_id="hopper-medium-expert-v2"))[0]  # ours
+    assert (medium_expert.acting_ratio, medium_expert.eval_ema, medium_expert.eta) == (0.25, True, 2.0)
     assert ofql.task_defaults(ofql.Args(env_id="kitchen-mixed-v0", paper_variant=True))[0].eta == 0.001
     assert ofql.task_defaults(ofql.Args(env_id="mine/robot/demos-v0", paper_variant=True))[0].eta == 0.01  # hopper's
     flags = ofql.Args(env_id="hopper-medium-v2", paper_variant=True, eta=0.1, acting_ratio=0.1, eval_ema=True)

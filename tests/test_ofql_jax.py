@@ -61,8 +61,8 @@ def test_tables_and_names_are_ofqls():
     assert ofql_jax.resolve_dataset_id("walker2d-medium-expert-v2") == "mujoco/walker2d/medium-expert-v0"
     args, line = ofql_jax.task_defaults(ofql_jax.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))
     assert line == ofql.task_defaults(ofql.Args(env_id="antmaze-medium-play-v2", eta=0.3, max_q_backup=True))[1]
-    paper = {"env_id": "sac/hopper/medium-replay-v0", "paper_variant": True}
-    assert ofql_jax.task_defaults(ofql_jax.Args(**paper))[1] == ofql.task_defaults(ofql.Args(**paper))[1]
+    for flags in ({"env_id": "sac/hopper/medium-replay-v0", "paper_variant": True}, {"env_id": "sac/hopper/expert-v0"}):
+        assert ofql_jax.task_defaults(ofql_jax.Args(**flags))[1] == ofql.task_defaults(ofql.Args(**flags))[1]
     assert (args.eta, args.max_q_backup, args.lr, args.reward_tune, args.total_steps) == (
         0.3,
         True,
