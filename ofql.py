@@ -105,7 +105,7 @@ class Args:
 
     # Algorithm specific arguments (None: the task's row in TASKS)
     paper_variant: bool = False
-    """the paper's exact OFQL: acting ratio 0, no EMA, its eta (expert data: always)"""
+    """the paper's exact OFQL: acting ratio 0, no EMA, its eta (on expert data: the defaults)"""
     lr: float | None = None
     """learning rate of the actor"""
     eta: float | None = None
