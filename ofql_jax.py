@@ -31,6 +31,7 @@ import json
 import math
 import random
 import re
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -506,6 +507,7 @@ RANGES |= dict.fromkeys(["gamma", "ema_decay", "flow_ratio"], "[0, 1]")
 RANGES |= {"tau": "(0, 1]", "acting_ratio": "[0, 1 - flow_ratio]"}
 RANGES |= dict.fromkeys(["updates_per_call", "num_seeds"], "[1, inf)")
 MAX_EVAL_ENVS = 50  # evaluation envs that step together (per seed)
+ROW_BYTES = {"update": 2**18, "evaluation": 2**14}  # a row in the networks (ofql.py's, measured: 100k, 8k)
 BATCH_KEYS = ("obs", "actions", "rewards", "next_obs", "terminals")
 SCRIPT, CHECKPOINT, MODEL = os.path.basename(__file__), "checkpoint.msgpack", "model.msgpack"
 OPTIMIZERS = ("actor_optimizer", "critic_optimizer")
@@ -543,7 +545,10 @@ def task_defaults(args: Args) -> tuple[Args, str]:
 
 
 def check_args(args: Args):
-    """Every numeric flag in its RANGES interval, and the flags that go together."""
+    """No empty flag; each in its RANGES interval; flags that go together; batches that fit."""
+    for flag, value in vars(args).items():  # `--resume $RUN`, RUN unset: not a fresh run
+        if value == "":
+            raise ValueError(f"--{flag.replace('_', '-')} '': empty; a value, or no flag")
     for flag, interval in RANGES.items():
         value, names = getattr(args, flag, None), vars(args) | {"inf": math.inf, "os": os}
         low, high = (eval(bound, names) for bound in interval[1:-1].split(", "))
@@ -552,6 +557,15 @@ def check_args(args: Args):
             and (value < high if interval[-1] == ")" else value <= high)
         ):  # NaN is in no interval
             raise ValueError(f"--{flag.replace('_', '-')} {value}: must be in {interval}")
+    rows = {"update": args.batch_size, "evaluation": MAX_EVAL_ENVS * args.num_candidates}
+    need = args.num_seeds * max(rows[k] * ROW_BYTES[k] for k in rows)
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # a GPU's; None on CPU
+    memory = limit or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > memory:
+        raise ValueError(
+            f"--batch-size {args.batch_size}, --num-candidates {args.num_candidates}, --num-seeds "
+            f"{args.num_seeds}: batches of about {need / 2**30:.0f} GiB, more than the {memory / 2**30:.0f} GiB here"
+        )
 
 
 def parse_args() -> tuple[Args, dict | None, str, str]:
@@ -609,12 +623,15 @@ def finished(run_dir: str) -> dict | None:
 
 
 def check_writable(run_dir: str):
-    """The run folder, or the nearest existing folder above it, must take files."""
+    """The run folder, or the nearest existing folder above it, must take files; its name must fit."""
     folder = run_dir
     while not os.path.exists(folder):
         folder = os.path.dirname(folder) or "."
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
         raise ValueError(f"{os.path.abspath(folder)} is not a writable folder: run elsewhere")
+    name, longest = os.fsencode(os.path.basename(run_dir)), os.pathconf(folder, "PC_NAME_MAX")
+    if len(name) + len(b"-99") > longest:  # room for a suffix
+        raise ValueError(f"{run_dir}: a name of {len(name)} bytes, over {longest}: a shorter --exp-name")
 
 
 def open_run(args: Args, run_dir: str, progress: dict) -> tuple[str, SummaryWriter]:
@@ -986,6 +1003,11 @@ def save_atomically(path: str, content: dict):
             with open(path + ".tmp", "wb") as f:
                 f.write(flax.serialization.msgpack_serialize(jax.device_get(content)))
         os.replace(path + ".tmp", path)
+    except Exception as error:  # a full disk, a folder removed: one line
+        problem = " ".join(str(error).split())[:200]
+        folder = os.path.dirname(path) or "."
+        problem += f"; {shutil.disk_usage(folder).free >> 20} MiB free" if os.path.isdir(folder) else ""
+        raise SystemExit(f"error: {path} not written ({problem}); what was saved before stands") from None
     finally:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")

@@ -389,6 +389,12 @@ def test_every_numeric_flag_out_of_range_fails_at_once(script, monkeypatch, tmp_
 def test_combinations_that_cannot_work_fail_at_once(script, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     cases = {("--eval-only", "model.pt", "--resume", "runs/x"): "--resume RUN trains on: one of them"}
+    # batches no machine holds (the kernel would kill the run), a run folder's name no file system takes
+    cases[("--num-candidates", "100000000")] = "batches of about 76294 GiB, more than the "
+    cases[("--batch-size", "10000000")] = "batches of about 2441 GiB, more than the "
+    cases[("--exp-name", "x" * 250)] = "bytes, over 255: a shorter --exp-name"
+    for flag in ("--resume", "--eval-only", "--dataset-path", "--exp-name"):  # an unset shell variable
+        cases[(flag, "")] = f"error: {flag} '': empty; a value, or no flag"
     if script in TORCH_SCRIPTS:
         cases[("--cudagraphs",)] = "--cudagraphs needs a CUDA GPU; on CPU, use --compile"
     if script == "dql":  # ddim takes 1 to T of the T steps (ddpm all of them: tested in test_dql.py)
@@ -396,6 +402,30 @@ def test_combinations_that_cannot_work_fail_at_once(script, monkeypatch, tmp_pat
     for flags, expected in cases.items():
         message = parse_error(script, monkeypatch, *flags)
         assert message.startswith("error: ") and expected in message and "\n" not in message, (flags, message)
+
+
+@pytest.mark.parametrize("script", PLUMBING)
+def test_a_file_that_cannot_be_written_is_one_line_and_the_last_one_stands(script, monkeypatch, tmp_path):
+    m = module(script)
+    path = tmp_path / "summary.json"
+    m.save_atomically(str(path), {"step": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(m.json, "dump", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        m.save_atomically(str(path), {"step": 2})
+    message = str(stop.value.code)
+    assert (
+        message.startswith(f"error: {path} not written ([Errno 28] No space left on device; ") and "\n" not in message
+    )
+    assert message.endswith(" MiB free); what was saved before stands"), message
+    assert json.loads(path.read_text()) == {"step": 1} and os.listdir(tmp_path) == ["summary.json"]  # no .tmp left
+    with pytest.raises(
+        SystemExit, match=r"removed/checkpoint\S* not written \(.*(exist|No such file)"
+    ):  # its folder removed
+        m.save_atomically(str(tmp_path / "removed" / m.CHECKPOINT), {"step": 2})
 
 
 # Training: a non-finite loss, reproducible runs, stop and resume ---------------------------------------------------
