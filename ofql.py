@@ -507,7 +507,6 @@ RANGES |= dict.fromkeys(["lr", "critic_lr"], "(0, inf)")
 RANGES |= dict.fromkeys(["gamma", "ema_decay", "flow_ratio"], "[0, 1]")
 RANGES |= {"tau": "(0, 1]", "acting_ratio": "[0, 1 - flow_ratio]"}
 MAX_EVAL_ENVS = 50  # evaluation envs that step together
-ROW_BYTES = {"update": 2**18, "evaluation": 2**14}  # a row in the networks (measured: 100-190k, 8k)
 BATCH_KEYS = ("obs", "actions", "rewards", "next_obs", "terminals")
 SCRIPT, CHECKPOINT, MODEL = os.path.basename(__file__), "checkpoint.pt", "model.pt"
 
@@ -557,14 +556,12 @@ def check_args(args: Args):
     gpu = args.cuda and torch.cuda.is_available()
     if args.cudagraphs and not gpu:
         raise ValueError("--cudagraphs needs a CUDA GPU; on CPU, use --compile")
-    rows = {"update": args.batch_size, "evaluation": MAX_EVAL_ENVS * args.num_candidates}
-    need = max(rows[k] * ROW_BYTES[k] for k in rows)
+    # bytes of a row in an update (measured: 100-190k) and in evaluation (8k)
+    need = max(args.batch_size * 2**18, MAX_EVAL_ENVS * args.num_candidates * 2**14)
     memory = torch.cuda.mem_get_info()[1] if gpu else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > memory:
-        raise ValueError(
-            f"--batch-size {args.batch_size}, --num-candidates {args.num_candidates}: batches of about "
-            f"{need / 2**30:.0f} GiB, more than the {memory / 2**30:.0f} GiB here"
-        )
+        flags = f"--batch-size {args.batch_size}, --num-candidates {args.num_candidates}"
+        raise ValueError(f"{flags}: batches of about {need >> 30} GiB, more than the {memory >> 30} GiB here")
 
 
 def parse_args() -> tuple[Args, dict | None, str, str]:

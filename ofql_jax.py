@@ -507,7 +507,6 @@ RANGES |= dict.fromkeys(["gamma", "ema_decay", "flow_ratio"], "[0, 1]")
 RANGES |= {"tau": "(0, 1]", "acting_ratio": "[0, 1 - flow_ratio]"}
 RANGES |= dict.fromkeys(["updates_per_call", "num_seeds"], "[1, inf)")
 MAX_EVAL_ENVS = 50  # evaluation envs that step together (per seed)
-ROW_BYTES = {"update": 2**18, "evaluation": 2**14}  # a row in the networks (ofql.py's, measured: 100k, 8k)
 BATCH_KEYS = ("obs", "actions", "rewards", "next_obs", "terminals")
 SCRIPT, CHECKPOINT, MODEL = os.path.basename(__file__), "checkpoint.msgpack", "model.msgpack"
 OPTIMIZERS = ("actor_optimizer", "critic_optimizer")
@@ -557,15 +556,26 @@ def check_args(args: Args):
             and (value < high if interval[-1] == ")" else value <= high)
         ):  # NaN is in no interval
             raise ValueError(f"--{flag.replace('_', '-')} {value}: must be in {interval}")
-    rows = {"update": args.batch_size, "evaluation": MAX_EVAL_ENVS * args.num_candidates}
-    need = args.num_seeds * max(rows[k] * ROW_BYTES[k] for k in rows)
+    # bytes of a row in an update and in evaluation (ofql.py's, measured: 100k, 8k)
+    need = args.num_seeds * max(args.batch_size * 2**18, MAX_EVAL_ENVS * args.num_candidates * 2**14)
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # a GPU's; None on CPU
     memory = limit or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > memory:
-        raise ValueError(
-            f"--batch-size {args.batch_size}, --num-candidates {args.num_candidates}, --num-seeds "
-            f"{args.num_seeds}: batches of about {need / 2**30:.0f} GiB, more than the {memory / 2**30:.0f} GiB here"
-        )
+        flags = f"--batch-size {args.batch_size}, --num-candidates {args.num_candidates}, --num-seeds {args.num_seeds}"
+        raise ValueError(f"{flags}: batches of about {need >> 30} GiB, more than the {memory >> 30} GiB here")
+
+
+def start_backend(args: Args):
+    """XLA's backend as the flags ask: it reads them once, as it starts."""
+    if args.threads == 1:
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    if not args.cuda:
+        jax.config.update("jax_platforms", "cpu")  # no GPU started (or preallocated)
+    try:
+        jax.devices()
+    except RuntimeError as error:  # JAX_PLATFORMS names no backend here
+        problem = " ".join(str(error).split())[:200]
+        raise ValueError(f"JAX did not start ({problem})") from None
 
 
 def parse_args() -> tuple[Args, dict | None, str, str]:
@@ -581,6 +591,7 @@ def parse_args() -> tuple[Args, dict | None, str, str]:
             args = tyro.cli(Args, default=Args(**saved["args"] | {"resume": None}))
         dataset_id = args.dataset_path or resolve_dataset_id(args.env_id)
         args, task_line = task_defaults(args)
+        start_backend(args)
         check_args(args)
         step, done = (saved["progress"]["step"], finished(args.resume)) if args.resume else (0, None)
         if args.total_steps < step or (done and args.total_steps <= done["total_steps"]):
@@ -1017,11 +1028,7 @@ if __name__ == "__main__":
     stop = stop_requests()  # SIGINT, SIGTERM: see its phases
     args, saved, dataset_id, run_dir = parse_args()
 
-    # TRY NOT TO MODIFY: seeding; the backend first (the first computation starts it)
-    if args.threads == 1:  # read as the CPU backend starts
-        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-    if not args.cuda:
-        jax.config.update("jax_platforms", "cpu")  # no GPU started (or preallocated)
+    # TRY NOT TO MODIFY: seeding (the backend started as the flags were checked)
     device = jax.devices()[0]
     jax.config.update("jax_default_device", device)
     random.seed(args.seed)

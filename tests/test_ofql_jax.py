@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -292,6 +293,25 @@ def test_non_finite_loss_names_the_seed(minari_path, tmp_path):
     line = run.stderr.strip().splitlines()[-1]  # after numpy's warning on casting 1e39 to float32
     assert line.startswith("error: non-finite loss at update 1 of seed 7 (") and "actor_loss" in line, line
     assert not list(tmp_path.glob("runs/*/summary.json")) and not list(tmp_path.glob("runs/*/checkpoint.msgpack"))
+
+
+def test_the_backend_starts_as_the_flags_ask_or_the_run_stops_with_one_line(monkeypatch, tmp_path):
+    """XLA reads --threads and --no-cuda once, as its backend starts: parse_args starts it after they are final; a
+    backend that cannot start (a JAX_PLATFORMS that names none) is one line, before a run folder."""
+    env = {**os.environ, "JAX_PLATFORMS": "bogus"}
+    command = [sys.executable, str(ROOT / "ofql_jax.py")]  # with --no-cuda, the CPU backend whatever JAX_PLATFORMS
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [run.stderr.strip()], run.stderr[-3000:]
+    assert run.stderr.startswith("error: JAX did not start (Unable to initialize backend 'bogus'"), run.stderr
+    assert not (tmp_path / "runs").exists()
+    started = []
+    devices = ofql_jax.jax.devices  # started in this process already: the flags the first call finds
+    monkeypatch.setattr(ofql_jax.jax, "devices", lambda: started.append(os.environ.get("XLA_FLAGS", "")) or devices())
+    monkeypatch.setattr(ofql_jax.jax.config, "update", lambda name, value: started.append((name, value)))
+    monkeypatch.setattr(sys, "argv", ["ofql_jax.py", "--no-cuda", "--threads", "1"])
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    ofql_jax.parse_args()
+    assert started[:2] == [("jax_platforms", "cpu"), " --xla_cpu_multi_thread_eigen=false"], started
 
 
 # Several seeds in one run (--num-seeds): a leading seed axis, the update and the policy vmapped over it.

@@ -390,7 +390,7 @@ def test_combinations_that_cannot_work_fail_at_once(script, monkeypatch, tmp_pat
     monkeypatch.chdir(tmp_path)
     cases = {("--eval-only", "model.pt", "--resume", "runs/x"): "--resume RUN trains on: one of them"}
     # batches no machine holds (the kernel would kill the run), a run folder's name no file system takes
-    cases[("--num-candidates", "100000000")] = "batches of about 76294 GiB, more than the "
+    cases[("--num-candidates", "100000000")] = "batches of about 76293 GiB, more than the "
     cases[("--batch-size", "10000000")] = "batches of about 2441 GiB, more than the "
     cases[("--exp-name", "x" * 250)] = "bytes, over 255: a shorter --exp-name"
     for flag in ("--resume", "--eval-only", "--dataset-path", "--exp-name"):  # an unset shell variable
