@@ -536,8 +536,8 @@ def check_args(args: Args):
     gpu = args.cuda and torch.cuda.is_available()
     if args.cudagraphs and not gpu:
         raise ValueError("--cudagraphs needs a CUDA GPU; on CPU, use --compile")
-    # bytes of a row in an update (measured: 100-190k) and in evaluation (8k)
-    need = max(args.batch_size * 2**18, MAX_EVAL_ENVS * args.num_candidates * 2**14)
+    # a row's bytes, about: in an update (measured: 100-190k), in evaluation (8k)
+    need = max(args.batch_size * 2**17, MAX_EVAL_ENVS * args.num_candidates * 2**13)
     memory = torch.cuda.mem_get_info()[1] if gpu else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > memory:
         flags = f"--batch-size {args.batch_size}, --num-candidates {args.num_candidates}"
@@ -933,7 +933,7 @@ def save_atomically(path: str, content: dict):
         else:
             torch.save(content, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except Exception as error:  # a full disk, a folder removed: one line
+    except (OSError, RuntimeError) as error:  # a full disk (torch: RuntimeError), a folder removed
         problem = " ".join(str(error).split())[:200]
         folder = os.path.dirname(path) or "."
         problem += f"; {shutil.disk_usage(folder).free >> 20} MiB free" if os.path.isdir(folder) else ""

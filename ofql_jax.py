@@ -556,8 +556,8 @@ def check_args(args: Args):
             and (value < high if interval[-1] == ")" else value <= high)
         ):  # NaN is in no interval
             raise ValueError(f"--{flag.replace('_', '-')} {value}: must be in {interval}")
-    # bytes of a row in an update and in evaluation (ofql.py's, measured: 100k, 8k)
-    need = args.num_seeds * max(args.batch_size * 2**18, MAX_EVAL_ENVS * args.num_candidates * 2**14)
+    # a row's bytes, about: in an update, in evaluation (ofql.py's, measured: 100k, 8k)
+    need = args.num_seeds * max(args.batch_size * 2**17, MAX_EVAL_ENVS * args.num_candidates * 2**13)
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # a GPU's; None on CPU
     memory = limit or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > memory:
@@ -1014,7 +1014,7 @@ def save_atomically(path: str, content: dict):
             with open(path + ".tmp", "wb") as f:
                 f.write(flax.serialization.msgpack_serialize(jax.device_get(content)))
         os.replace(path + ".tmp", path)
-    except Exception as error:  # a full disk, a folder removed: one line
+    except (OSError, RuntimeError) as error:  # a full disk (torch: RuntimeError), a folder removed
         problem = " ".join(str(error).split())[:200]
         folder = os.path.dirname(path) or "."
         problem += f"; {shutil.disk_usage(folder).free >> 20} MiB free" if os.path.isdir(folder) else ""
