@@ -1014,7 +1014,7 @@ def save_atomically(path: str, content: dict):
             with open(path + ".tmp", "wb") as f:
                 f.write(flax.serialization.msgpack_serialize(jax.device_get(content)))
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as error:  # a full disk (torch: RuntimeError), a folder removed
+    except (OSError, RuntimeError) as error:  # a full disk, a folder removed
         problem = " ".join(str(error).split())[:200]
         folder = os.path.dirname(path) or "."
         problem += f"; {shutil.disk_usage(folder).free >> 20} MiB free" if os.path.isdir(folder) else ""
