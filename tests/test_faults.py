@@ -145,7 +145,7 @@ def handles_sigterm(pid: int) -> bool:
     return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PLUMBING)
 def test_a_signal_in_start_up_ends_at_once_with_one_line_and_no_run_folder(script, minari_path, tmp_path):
     """SIGTERM while the libraries import, SIGINT while the data loads (after the task line, before the data's):
     exit code 128 + signal, one line on stderr, no traceback, no run folder."""

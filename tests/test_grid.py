@@ -1,5 +1,5 @@
 """docs/ablation.py's grids through submitit's real local executor: two datasets and two seeds, seeds batched into one
-ofql_jax.py --num-seeds job or one job each, skipped when finished, resumed with a larger budget, stopped by a Ctrl-C
+ofql_jax.py --num-seeds job or one ofql.py job each, skipped when finished, resumed with a larger budget, stopped by a Ctrl-C
 to the whole process group; Table 1's plan, its missing files and one of its rows trained and reported."""
 
 import importlib.util
@@ -43,7 +43,7 @@ def test_a_grid_runs_through_submitit_skips_finished_runs_resumes_and_reports_bo
     assert "0 of 2 runs done" in batched and "2 of 2 runs done" in batched, batched
     results = list((tmp_path / "runs" / "submitit").glob("*_result.pkl"))  # written by submitit's workers
     assert len(results) == 2, sorted(os.listdir(tmp_path / "runs" / "submitit"))
-    one_each = runner(*sweep, "--etas", "0.3", "--total-steps", "20", cwd=tmp_path)
+    one_each = runner(*sweep, "--etas", "0.3", "--total-steps", "20", "--script", "ofql.py", cwd=tmp_path)
     assert "4 of 4 runs done" in one_each, one_each
     again = runner(*sweep, "--etas", "0.01", "--batch-seeds", "--total-steps", "20", cwd=tmp_path)
     assert "2 of 2 runs done; 0 to go" in again and "start" not in again
@@ -55,8 +55,8 @@ def test_a_grid_runs_through_submitit_skips_finished_runs_resumes_and_reports_bo
         summary = json.loads(summary.read_text())
         assert (summary["total_steps"], summary["resumed_from_step"], summary["seeds"]) == (30, 20, [1, 2])
         assert sorted(path.name for path in (folder / "eta0.3").iterdir()) == ["seed1", "seed2"]
-    report = runner("report", "--runs-dir", "runs", cwd=tmp_path)
-    assert (tmp_path / "runs" / "report" / "eta_sweep.png").is_file()
+    report = runner("report", "--runs-dir", "runs", "--out", "figures", cwd=tmp_path)  # --out made
+    assert (tmp_path / "figures" / "eta_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = re.findall(r"^\| ([\d.]+) \| -?[\d.]+ \+- [\d.]+ \| .* \| (\d) \| (\d+) \|$", report, re.MULTILINE)
     assert rows == [("0.01", "2", "30"), ("0.3", "2", "20")] * 2, report
 
