@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import HOPPER_DATASET_ID, ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -56,3 +57,17 @@ def test_short_runs_reproduce_the_golden_numbers(case, minari_path, tmp_path):
         golden[case] = got
         GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
     assert got == golden[case]
+
+
+def test_the_first_of_two_seeds_logs_the_single_runs_numbers():
+    """`ofql_jax.py --seed 1 --num-seeds 2`: its seed 1 draws the keys, batches and evaluation envs of `--seed 1`, so
+    it logs the single run's numbers to float32 rounding (the batched matmuls round differently); the golden runs
+    above reproduce both. Seed 2: test_seeds_in_one_run."""
+    golden = json.loads(GOLDEN.read_text())
+    batched, single = golden["ofql_jax --num-seeds 2"], golden["ofql_jax"]
+    for tag, series in single["scalars"].items():
+        got = batched["scalars"][f"{tag}/seed_1"]
+        assert [step for step, _ in got] == [step for step, _ in series], tag
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in series], rtol=1e-4, atol=1e-6, err_msg=tag)
+    first = batched["summary"]["seed_normalized_scores"][0]
+    assert first == pytest.approx(single["summary"]["normalized_score"], rel=1e-4)

@@ -336,9 +336,9 @@ def test_evaluation_of_several_seeds_is_each_seeds_own():
 
 
 def test_seeds_in_one_run(minari_path, tmp_path):
-    """Seeds 1 and 2 in one run, checkpointing every 20 updates, the networks saved: each follows its single run; both
-    stop and resume exactly; the model evaluates both. One test: one run of the seeds for the three (pytest-xdist runs a
-    module's fixture once per worker)."""
+    """Seeds 1 and 2 in one run, checkpointing every 20 updates, the networks saved: each follows its single run (seed
+    1: test_golden.py); both stop and resume exactly; the model evaluates both. One test: one run of the seeds for the
+    three (pytest-xdist runs a module's fixture once per worker)."""
     (tmp_path / "seeds").mkdir()
     seeds_run = run_ofql_jax(
         tmp_path / "seeds", *SEED_FLAGS, "--num-seeds", "2", "--checkpoint-freq", "20", "--save-model"
@@ -349,39 +349,29 @@ def test_seeds_in_one_run(minari_path, tmp_path):
 
 
 def seeds_follow_their_single_runs(seeds_run, tmp_path):
-    """Seed k of `--seed 1 --num-seeds 2` draws the keys, batches and evaluation envs of `--seed k`: the same losses and
-    scores to float32 rounding (the batched matmuls round differently)."""
-    singles = {}
-    for seed in (1, 2):  # both at once: the machine has two cores
-        (tmp_path / str(seed)).mkdir()
-        singles[seed] = subprocess.Popen(
-            [*COMMAND, *SEED_FLAGS, "--seed", str(seed)],
-            cwd=tmp_path / str(seed),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    for process in singles.values():
-        assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    """Seed 2 of `--seed 1 --num-seeds 2` draws the keys, batches and evaluation envs of `--seed 2`: the same losses and
+    scores to float32 rounding (the batched matmuls round differently). Seed 1: test_golden.py."""
+    single = subprocess.run(
+        [*COMMAND, *SEED_FLAGS, "--seed", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
     batched = logged_scalars(seeds_run["run_dir"])
-    for seed in (1, 2):
-        (single_dir,) = (tmp_path / str(seed)).glob("runs/*")
-        single, summary = logged_scalars(single_dir), json.loads((single_dir / "summary.json").read_text())
-        for name in ofql_jax.LOSSES:
-            expected = single[f"losses/{name}"]
-            assert sorted(expected) == [10, 20, 30, 40]
-            got = batched[f"losses/{name}/seed_{seed}"]
-            np.testing.assert_allclose(
-                [got[step] for step in expected], list(expected.values()), rtol=1e-4, atol=1e-6, err_msg=name
-            )
-        k = seed - 1
-        assert [step for step, _ in seeds_run["seed_evaluations"][k]] == [20, 40]
+    (single_dir,) = tmp_path.glob("runs/*")
+    single, summary = logged_scalars(single_dir), json.loads((single_dir / "summary.json").read_text())
+    for name in ofql_jax.LOSSES:
+        expected = single[f"losses/{name}"]
+        assert sorted(expected) == [10, 20, 30, 40]
+        got = batched[f"losses/{name}/seed_2"]
         np.testing.assert_allclose(
-            [score for _, score in seeds_run["seed_evaluations"][k]],
-            [score for _, score in summary["evaluations"]],
-            rtol=1e-4,
+            [got[step] for step in expected], list(expected.values()), rtol=1e-4, atol=1e-6, err_msg=name
         )
-        assert seeds_run["seed_normalized_scores"][k] == pytest.approx(summary["normalized_score"], rel=1e-4)
+    assert [step for step, _ in seeds_run["seed_evaluations"][1]] == [20, 40]
+    np.testing.assert_allclose(
+        [score for _, score in seeds_run["seed_evaluations"][1]],
+        [score for _, score in summary["evaluations"]],
+        rtol=1e-4,
+    )
+    assert seeds_run["seed_normalized_scores"][1] == pytest.approx(summary["normalized_score"], rel=1e-4)
 
     # what a run of several seeds adds: each seed's scores, their mean and spread across seeds, the mean's curves
     summary = seeds_run
