@@ -326,7 +326,7 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
 
 @pytest.mark.parametrize("pairs", ["acting", "papers"])
 def test_ofql_learns_at_a_q_weight_where_the_papers_pairs_collapse(pairs, pendulum_dataset, tmp_path):
-    """The learning test (real data, real training, about a minute a half on one CPU thread; the halves run on both
+    """The learning test (real data, real training, about a minute and a half on one CPU thread; the halves run on both
     workers): one noisy controller's Pendulum data (narrow, as HalfCheetah medium's; the data scores about 67), eta
     10. With acting pairs, 2,000 updates of 128 pairs score well above the same seed's untrained networks and up at
     the data; with the paper's pairs (--acting-ratio 0) the same run collapses to about random, 40 points below the
