@@ -328,11 +328,11 @@ def test_end_to_end_run_writes_summary_and_model(minari_path, tmp_path):
 def test_ofql_learns_at_a_q_weight_where_the_papers_pairs_collapse(pairs, pendulum_dataset, tmp_path):
     """The learning test (real data, real training, about a minute and a half on one CPU thread; the halves run on both
     workers): one noisy controller's Pendulum data (narrow, as HalfCheetah medium's; the data scores about 67), eta
-    10. With acting pairs, 2,000 updates of 128 pairs score well above the same seed's untrained networks and up at
-    the data; with the paper's pairs (--acting-ratio 0) the same run collapses to about random, 40 points below the
-    acting pairs' floor, the MeanFlow loss at the acting pair far above the batch's (as on HalfCheetah at eta 0.3),
-    where acting pairs hold it near the batch's. All evaluated alike (20 episodes, 50 candidates, the Q pick, the
-    trained weights)."""
+    10. With acting pairs, 2,000 updates of 128 pairs score up at the data, 60 points above the same seed's untrained
+    networks (0.0: docs/ofql.md); with the paper's pairs (--acting-ratio 0) the same run collapses to about random,
+    40 points below the acting pairs' floor, the MeanFlow loss at the acting pair far above the batch's (as on
+    HalfCheetah at eta 0.3), where acting pairs hold it near the batch's. All evaluated alike (20 episodes, 50
+    candidates, the Q pick, the trained weights)."""
     evaluation = ("--env-id", pendulum_dataset, "--final-eval-episodes", "20", "--eval-ema", "False")
     training = (*evaluation, "--total-steps", "2000", "--batch-size", "128", "--eta", "10", "--eval-freq", "2000")
     ratio = {"acting": "0.25", "papers": "0"}[pairs]
@@ -346,8 +346,7 @@ def test_ofql_learns_at_a_q_weight_where_the_papers_pairs_collapse(pairs, pendul
         last[loss] = events.Scalars(f"losses/{loss}")[-1].value
     score = trained["normalized_score"]
     if pairs == "acting":
-        untrained = run_ofql(tmp_path / "untrained", *evaluation, "--total-steps", "0")
-        assert score > untrained["normalized_score"] + 40 and score > 60, (score, untrained["normalized_score"])
+        assert score > 60, score
         assert last["acting_bc_loss"] < 3 * last["bc_loss"], last  # held at the data
     else:
         assert score < 20, score
