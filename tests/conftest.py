@@ -134,11 +134,15 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory) -> Path:
     """The `ofql_jax.py` runs the tests start compile the same XLA programs again and again: a persistent compilation
-    cache, inherited by them, saves most of each run's start-up. One per test process (each xdist worker its own: no
-    run reads an entry another is writing); JAX keys an entry by the program, its flags and the versions, so a hit is
-    the executable the compiler would make."""
-    path = tmp_path_factory.mktemp("jax_cache")
+    cache, inherited by them, saves most of each run's start-up. One for both xdist workers (their base folders'
+    parent), as the long tests run on both at once: a size limit turns on JAX's file lock around each read and write,
+    so no run reads an entry another is writing; JAX keys an entry by the program, its flags and the versions, so a hit
+    is the executable the compiler would make."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+    path.mkdir(exist_ok=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**32)  # 4 GiB: a limit, so the lock
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the evaluation's small programs too
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
     return path
