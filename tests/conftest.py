@@ -108,41 +108,14 @@ def create_dataset(dataset_id: str, episodes: list[EpisodeBuffer], spec: gym.env
     )
 
 
-# The tests of 40 s or more (CI's --durations), longest first: with --maxschedchunk 1 (the README's test command),
-# pytest-xdist hands a worker its next test as it ends one, in collection order, so the long tests start at once on
-# both workers and the short ones fill in at the end
-LONGEST_FIRST = (
-    "test_a_grid_runs_through_submitit",
-    "test_ofql_learns_at_a_q_weight",
-    "test_seeds_in_one_run",
-    "test_signals_in_both_evaluations_lose_nothing_and_the_resumed_run_is_the_uninterrupted_one[ofql_jax]",
-    "test_ablation_trains_every_method",
-    "test_eval_ema_acts_with_the_ema_copy_and_leaves_training_alone[ofql_jax]",
-    "test_non_finite_loss_stops_and_keeps_the_last_checkpoint[ofql_jax]",
-    "test_track_logs_an_offline_wandb_run_and_a_resumed_run_continues_it[ofql_jax]",
-    "test_table1_trains_a_row_from_a_d4rl_file",
-)
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        return next((i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid), len(LONGEST_FIRST))
-
-    items.sort(key=rank)  # stable: the rest keep their order
-
-
 @pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory) -> Path:
     """The `ofql_jax.py` runs the tests start compile the same XLA programs again and again: a persistent compilation
-    cache, inherited by them, saves most of each run's start-up. One for both xdist workers (their base folders'
-    parent), as the long tests run on both at once: a size limit turns on JAX's file lock around each read and write,
-    so no run reads an entry another is writing; JAX keys an entry by the program, its flags and the versions, so a hit
-    is the executable the compiler would make."""
-    base = tmp_path_factory.getbasetemp()
-    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
-    path.mkdir(exist_ok=True)
+    cache, inherited by them, saves most of each run's start-up. One per test process (each xdist worker its own: no
+    run reads an entry another is writing); JAX keys an entry by the program, its flags and the versions, so a hit is
+    the executable the compiler would make."""
+    path = tmp_path_factory.mktemp("jax_cache")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**32)  # 4 GiB: a limit, so the lock
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the evaluation's small programs too
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
     return path
